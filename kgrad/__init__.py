@@ -1,0 +1,25 @@
+"""kgrad: see and fix vanishing and exploding gradients from inside `model.fit`.
+
+The public names are re-exported here; the modules behind them are private.
+"""
+
+from kgrad import records, stats
+from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
+from kgrad.capture.probe import probe_gradients
+from kgrad.capture.step_hook import StepContext, StepHook
+from kgrad.capture.variables import TrackedVariable, track_variables
+from kgrad.records.gradient_records import GradientRecords
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientNormLogger",
+    "GradientRecords",
+    "StepContext",
+    "StepHook",
+    "TrackedVariable",
+    "probe_gradients",
+    "records",
+    "stats",
+    "track_variables",
+]

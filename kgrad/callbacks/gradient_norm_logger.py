@@ -1,0 +1,318 @@
+"""`GradientNormLogger`: exact per-layer gradient norms from the real training step."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
+from kgrad.capture.norm_buffer import NormBuffer
+from kgrad.capture.probe import check_probe_data, probe_gradients
+from kgrad.capture.step_hook import StepContext, StepHook
+from kgrad.capture.variables import track_variables
+from kgrad.records.csv_sink import CsvSink
+from kgrad.records.gradient_records import GradientRecords, VariableInfo
+from kgrad.records.tensorboard_sink import TensorBoardSink
+
+# Logged steps held on the device per epoch when the epoch length is unknown.
+_UNKNOWN_EPOCH_CAPACITY = 4096
+
+
+class GradientNormLogger(KgradCallback):
+    """Records per-layer gradient and weight norms during `model.fit`.
+
+    In the default *real-step* mode the norms are those of the gradients the optimizer
+    actually receives in each training step (unscaled under mixed precision, summed
+    over replicas under a distribution strategy), captured inside the compiled train
+    function with no extra forward or backward pass. The norms stay on the device and
+    are fetched once per epoch.
+
+    In *probe* mode (`probe_data=(x, y)`), the gradients are computed with
+    `tf.GradientTape` on that fixed batch after every `every_n_steps` steps: for models
+    whose own training step does not go through `model.optimizer.apply`, and for
+    comparing runs on the same inputs. It costs a forward and a backward pass per probe.
+
+    At the end of each epoch the logger adds to `logs` (so History, CSVLogger,
+    EarlyStopping, the progress bar and TensorBoard see them; list the logger before
+    those callbacks):
+
+    - `grad_norm/global`: the mean global gradient norm over the epoch's logged steps;
+    - `grad_norm/first_to_last`: the median ratio of the first recorded layer's
+      gradient norm to the last one's (bias norms where every layer has a bias, since
+      kernel norms can hide vanishing in ReLU nets; total norms otherwise).
+
+    Args:
+        every_n_steps: Log steps whose index is a multiple of this. Defaults to `1`.
+        layers: Glob patterns over layer names (nested models as `outer/inner`); only
+            matching layers are recorded. Defaults to `None`, every trainable layer.
+        probe_data: `(x, y)` or `(x, y, sample_weight)` for probe mode. Defaults to
+            `None`, real-step mode.
+        probe_training: The `training` flag of probe forward passes. Defaults to
+            `False` (dropout off, batch-norm statistics untouched).
+        csv_path: Append the tidy records to this CSV at the end of every epoch, with
+            a `run` column; readable up to the last epoch after a crash. Defaults to
+            `None`.
+        tensorboard_dir: Write `grad_norm/...` scalars there at every logged step.
+            Defaults to `None`.
+        histogram_every_n_steps: With `tensorboard_dir`, also write gradient
+            histograms of the tracked variables every that many steps (written at the
+            end of each epoch). Defaults to `None`, no histograms.
+        verbose: `1` prints a line per epoch with the global norm and the ratio.
+            Defaults to `0`.
+
+    Raises:
+        ValueError: on a bad argument (before training), or in `on_train_begin` when
+            the model is not compiled, has no trainable weights, no layer matches
+            `layers`, or `probe_data` does not fit the model.
+
+    Example:
+
+    >>> logger = kgrad.GradientNormLogger()
+    >>> model.fit(x, y, epochs=3, callbacks=[logger])  # doctest: +SKIP
+    >>> logger.to_dataframe().groupby("layer").grad_norm.median()  # doctest: +SKIP
+    """
+
+    _transient = ("_model", "_hook", "_buffer", "_probe_function", "_probe_batch")
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        layers: str | Sequence[str] | None = None,
+        probe_data: Sequence[Any] | None = None,
+        probe_training: bool = False,
+        csv_path: str | os.PathLike | None = None,
+        tensorboard_dir: str | os.PathLike | None = None,
+        histogram_every_n_steps: int | None = None,
+        verbose: int = 0,
+    ):
+        super().__init__()
+        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
+        if isinstance(layers, str):
+            layers = [layers]
+        if layers is not None and (
+            not layers or not all(isinstance(p, str) and p for p in layers)
+        ):
+            raise ValueError(
+                "`layers` must be a glob pattern or a non-empty list of them, such as "
+                f"['dense*']. Received: layers={layers!r}"
+            )
+        self.layers = None if layers is None else list(layers)
+        if probe_data is not None and (
+            not isinstance(probe_data, (tuple, list)) or len(probe_data) not in (2, 3)
+        ):
+            raise ValueError(
+                "`probe_data` must be a tuple `(x, y)` or `(x, y, sample_weight)`. "
+                f"Received: probe_data of type {type(probe_data).__name__}"
+            )
+        self.probe_data = probe_data
+        self.probe_training = bool(probe_training)
+        self.histogram_every_n_steps = check_positive_int(
+            histogram_every_n_steps, "histogram_every_n_steps", allow_none=True
+        )
+        if histogram_every_n_steps is not None and tensorboard_dir is None:
+            raise ValueError(
+                "`histogram_every_n_steps` writes TensorBoard histograms and needs "
+                f"`tensorboard_dir`. Received: tensorboard_dir=None, "
+                f"histogram_every_n_steps={histogram_every_n_steps}"
+            )
+        self.csv_path = None if csv_path is None else os.fspath(csv_path)
+        self.tensorboard_dir = (
+            None if tensorboard_dir is None else os.fspath(tensorboard_dir)
+        )
+        self._csv = CsvSink(csv_path) if csv_path is not None else None
+        self._tensorboard = (
+            TensorBoardSink(tensorboard_dir) if tensorboard_dir is not None else None
+        )
+        self.verbose = verbose
+        # In real-step mode the batch hook only checks, once, that the step was hooked:
+        # safe to run asynchronously, so Keras keeps its asynchronous batch dispatch.
+        self.async_safe = probe_data is None
+        self.records: GradientRecords | None = None
+        self.run_id: str | None = None
+        self._hook: StepHook | None = None
+        self._buffer: NormBuffer | None = None
+        self._probe_function = None
+        self._probe_batch = None
+
+    # -- public results ---------------------------------------------------------------
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The records of the last `fit()` as a tidy DataFrame.
+
+        Returns:
+            One row per (logged step, variable) with the columns `run, step, epoch,
+            layer, depth, variable, kind, grad_norm, weight_norm, clipped_grad_norm,
+            global_norm`. `depth` 0 is nearest the input; `kind` is `kernel`, `bias`
+            or `other`.
+
+        Raises:
+            RuntimeError: before any training.
+        """
+        if self.records is None:
+            raise RuntimeError(
+                "GradientNormLogger has no records yet: pass it to "
+                "`model.fit(callbacks=[logger])` first."
+            )
+        return self.records.to_dataframe()
+
+    # -- callback hooks ---------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        check_trainable(model)
+        tracked = track_variables(model, self.layers)
+        batch = None
+        if self.probe_data is not None:
+            batch = check_probe_data(model, self.probe_data)
+        # Checked again: the destination may have vanished since `__init__`.
+        if self.csv_path is not None:
+            self._csv = CsvSink(self.csv_path)
+        if self.tensorboard_dir is not None:
+            self._tensorboard = TensorBoardSink(self.tensorboard_dir)
+
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.records = GradientRecords(
+            [VariableInfo(t.layer, t.depth, t.name, t.kind) for t in tracked],
+            run=self.run_id,
+        )
+        steps = (self.params or {}).get("steps")
+        capacity = (
+            math.ceil(steps / self.every_n_steps) + 1
+            if steps
+            else _UNKNOWN_EPOCH_CAPACITY
+        )
+        hook = StepHook.attach(model) if batch is None else StepHook(model)
+        self._buffer = NormBuffer(
+            hook, tracked, capacity, self.every_n_steps, self.histogram_every_n_steps
+        )
+        self._hook = hook
+        self._tensorboard_rows = 0
+        self._histogram_step = -1
+        self._awaiting_trace = True
+        self._host_step = int(model.optimizer.iterations.numpy())
+        self._last_probe_bucket = -1
+        if batch is None:
+            hook.add(self, observe=self._buffer.write)
+        else:
+            self._probe_batch = batch
+            self._probe_function = self._make_probe_function()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        self._epoch_first_step = self._host_step
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._probe_function is None:
+            if self._awaiting_trace:
+                self._awaiting_trace = False
+                self._check_hooked()
+            return
+        step = self._epoch_first_step + batch
+        self._host_step = step + 1
+        bucket = step // self.every_n_steps
+        if bucket > self._last_probe_bucket:
+            self._last_probe_bucket = bucket
+            self._probe_function(tf.constant(step, tf.int64))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._probe_function is None:
+            self._check_hooked()
+            self._host_step = int(self._hook.step.numpy())
+        added = self._flush(epoch)
+        if logs is None or added == 0:
+            return
+        global_norms = self.records.global_norms[-added:]
+        ratios = self.records.first_to_last()[-added:]
+        logs["grad_norm/global"] = float(np.mean(global_norms))
+        finite = ratios[~np.isnan(ratios)]
+        logs["grad_norm/first_to_last"] = (
+            float(np.median(finite)) if finite.size else float("nan")
+        )
+        if self.verbose:
+            print(
+                f"GradientNormLogger epoch {epoch + 1}: global norm "
+                f"{logs['grad_norm/global']:.3g}, first/last layer "
+                f"{logs['grad_norm/first_to_last']:.3g} over {added} logged steps"
+            )
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        try:
+            if self._buffer is not None:
+                self._flush(getattr(self, "_epoch", 0))
+        finally:
+            if self._hook is not None and self._probe_function is None:
+                self._hook.remove(self)
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+            self._hook = None
+            self._buffer = None
+            self._probe_function = None
+            self._probe_batch = None
+
+    # -- internals --------------------------------------------------------------------
+
+    def _check_hooked(self) -> None:
+        if self._hook is not None and not self._hook.traced:
+            raise RuntimeError(
+                f"GradientNormLogger could not hook the training step of model "
+                f"{self.model.name!r}: its `train_step` never called "
+                "`model.optimizer.apply_gradients`/`apply`, so the real gradients are "
+                "out of reach. Use probe mode instead: "
+                "`GradientNormLogger(probe_data=(x_batch, y_batch))`."
+            )
+
+    def _make_probe_function(self):
+        model, buffer, hook = self.model, self._buffer, self._hook
+        x, y, sample_weight = self._probe_batch
+        training = self.probe_training
+
+        @tf.function
+        def probe(step):
+            _, gradients = probe_gradients(model, x, y, sample_weight, training)
+            context = StepContext(
+                variables=list(model.trainable_variables),
+                gradients=list(gradients),
+                applied=list(gradients),
+                step=step,
+                strategy=hook.strategy,
+            )
+            context.applied = context.gradients
+            buffer.write(context, always=True)
+
+        return probe
+
+    def _flush(self, epoch: int) -> int:
+        if self._buffer is None:
+            return 0
+        rows, dropped = self._buffer.fetch()
+        if dropped:
+            warnings.warn(
+                f"GradientNormLogger: {dropped} logged steps of epoch {epoch + 1} did "
+                "not fit the device buffer (the epoch length was unknown) and were "
+                "dropped; raise `every_n_steps`.",
+                stacklevel=2,
+            )
+        if len(rows["step"]) == 0:
+            return 0
+        chunk = GradientRecords(self.records.variables, run=self.run_id)
+        chunk.append(epoch=epoch, **rows)
+        self.records.append(epoch=epoch, **rows)
+        if self._csv is not None:
+            self._csv.write(chunk.to_dataframe())
+        if self._tensorboard is not None:
+            self._tensorboard.write_scalars(self.records, self._tensorboard_rows)
+            self._tensorboard_rows = len(self.records)
+            step, values = self._buffer.fetch_snapshot()
+            if step > self._histogram_step:
+                self._histogram_step = step
+                self._tensorboard.write_histograms(step, values)
+        return len(rows["step"])

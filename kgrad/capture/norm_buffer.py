@@ -1,0 +1,181 @@
+"""A device-side buffer of per-step norms, written in the traced step, read in bulk.
+
+Writing one row per logged step into a preallocated variable keeps the statistics on
+the device: the host fetches the whole buffer once per epoch instead of making a round
+trip per step per variable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from kgrad import stats
+from kgrad.capture.step_hook import StepContext, StepHook
+from kgrad.capture.variables import TrackedVariable
+
+
+class NormBuffer:
+    """Rows of gradient and weight norms for the logged steps of one epoch.
+
+    Row layout: `[global, clipped_global, grad x V, weight x V, clipped x V]` for the
+    `V` tracked variables. One extra scratch row takes the writes of steps that are
+    not logged (and any overflow), so the traced step never branches on a write.
+
+    Args:
+        hook: The step hook that owns the strategy (for mirrored variables).
+        tracked: The variables to record, in depth order.
+        capacity: The number of logged steps the buffer holds between fetches.
+        every_n_steps: Log steps whose index is a multiple of this.
+        histogram_every_n_steps: Also keep a copy of the gradients of tracked
+            variables at these steps (for TensorBoard histograms). `None`: never.
+    """
+
+    def __init__(
+        self,
+        hook: StepHook,
+        tracked: Sequence[TrackedVariable],
+        capacity: int,
+        every_n_steps: int,
+        histogram_every_n_steps: int | None = None,
+    ):
+        self.tracked = list(tracked)
+        self.capacity = int(capacity)
+        self.every_n_steps = int(every_n_steps)
+        self.transformed = False
+        width = 2 + 3 * len(self.tracked)
+        self.rows = hook.make_variable(
+            tf.zeros((self.capacity + 1, width), tf.float32), tf.float32, "kgrad_rows"
+        )
+        self.row_steps = hook.make_variable(
+            tf.zeros((self.capacity + 1,), tf.int64), tf.int64, "kgrad_row_steps"
+        )
+        self.count = hook.make_variable(0, tf.int64, "kgrad_count")
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.snapshots: list[tf.Variable] = []
+        self.snapshot_step = None
+        if histogram_every_n_steps:
+            self.snapshots = [
+                hook.make_variable(
+                    tf.zeros(item.variable.shape, tf.float32), tf.float32, "kgrad_snap"
+                )
+                for item in self.tracked
+            ]
+            self.snapshot_step = hook.make_variable(-1, tf.int64, "kgrad_snap_step")
+        self._hook = hook
+
+    # -- in the traced step ---------------------------------------------------------
+
+    def _aligned(self, context: StepContext, values: list[Any]) -> list[Any]:
+        position = {id(variable): i for i, variable in enumerate(context.variables)}
+        return [
+            values[position[id(item.variable)]] if id(item.variable) in position else None
+            for item in self.tracked
+        ]
+
+    def _put(self, target: tf.Variable, row: tf.Tensor, value: tf.Tensor) -> None:
+        if self._hook.strategy.num_replicas_in_sync > 1:
+            # Mirrored variables have no scatter update: rewrite the (small) buffer.
+            target.assign(tf.tensor_scatter_nd_update(target, [[row]], [value]))
+        else:
+            target.scatter_nd_update([[row]], [value])
+
+    def write(self, context: StepContext, always: bool = False) -> None:
+        """Records the norms of `context` when its step is a logged one.
+
+        Args:
+            context: The step's gradients and variables.
+            always: Record whatever the step index (probe mode). Defaults to `False`.
+        """
+        step = tf.cast(context.step, tf.int64)
+        logged = tf.constant(True) if always else tf.equal(step % self.every_n_steps, 0)
+        self.transformed = self.transformed or context.applied is not context.gradients
+
+        def record() -> None:
+            grads = self._aligned(context, context.gradients)
+            present = [g for g in context.gradients if g is not None]
+            global_norm = stats.global_norm(stats.norms(present))
+            grad_norms = stats.norms(grads)
+            weight_norms = stats.norms([item.variable.value for item in self.tracked])
+            if context.applied is context.gradients:
+                clipped_global, clipped_norms = global_norm, grad_norms
+            else:
+                applied = [g for g in context.applied if g is not None]
+                clipped_global = stats.global_norm(stats.norms(applied))
+                clipped_norms = stats.norms(self._aligned(context, context.applied))
+            values = tf.concat(
+                [
+                    tf.stack([global_norm, clipped_global]),
+                    grad_norms,
+                    weight_norms,
+                    clipped_norms,
+                ],
+                axis=0,
+            )
+            count = self.count.read_value()
+            row = tf.where(logged, tf.minimum(count, self.capacity), self.capacity)
+            self._put(self.rows, row, values)
+            self._put(self.row_steps, row, step)
+            self.count.assign_add(tf.cast(logged, tf.int64))
+
+        self._hook.when(logged, record)
+
+        if self.snapshots:
+            snapshot = tf.equal(step % self.histogram_every_n_steps, 0)
+
+            def keep() -> None:
+                for item, target, gradient in zip(
+                    self.tracked, self.snapshots, self._aligned(context, context.gradients)
+                ):
+                    if gradient is None:
+                        continue
+                    dense = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
+                    target.assign(tf.where(snapshot, dense, target))
+                self.snapshot_step.assign(tf.where(snapshot, step, self.snapshot_step))
+
+            self._hook.when(snapshot, keep)
+
+    # -- on the host ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Empties the buffer (host side, between epochs)."""
+        self.count.assign(0)
+
+    def fetch(self) -> tuple[dict[str, np.ndarray], int]:
+        """Reads the logged rows in one transfer and empties the buffer.
+
+        Returns:
+            A dict with `step`, `global_norm`, `clipped_global_norm`, `grad_norm`,
+            `weight_norm` and `clipped_grad_norm` arrays (the last two `None` when
+            no transform ran), and the number of logged steps that did not fit.
+        """
+        count = int(self.count.numpy())
+        kept = min(count, self.capacity)
+        rows = self.rows[:kept].numpy()
+        steps = self.row_steps[:kept].numpy()
+        self.reset()
+        order = np.argsort(steps, kind="stable")
+        rows, steps = rows[order], steps[order]
+        width = len(self.tracked)
+        out = {
+            "step": steps,
+            "global_norm": rows[:, 0],
+            "clipped_global_norm": rows[:, 1] if self.transformed else None,
+            "grad_norm": rows[:, 2 : 2 + width],
+            "weight_norm": rows[:, 2 + width : 2 + 2 * width],
+            "clipped_grad_norm": rows[:, 2 + 2 * width :] if self.transformed else None,
+        }
+        return out, count - kept
+
+    def fetch_snapshot(self) -> tuple[int, dict[str, np.ndarray]]:
+        """The latest kept gradient copy: its step (-1 if none) and arrays by name."""
+        if not self.snapshots:
+            return -1, {}
+        step = int(self.snapshot_step.numpy())
+        return step, {
+            f"{item.layer}/{item.name}": target.numpy()
+            for item, target in zip(self.tracked, self.snapshots)
+        }
