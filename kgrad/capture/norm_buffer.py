@@ -121,7 +121,10 @@ class NormBuffer:
             self._put(self.row_steps, row, step)
             self.count.assign_add(tf.cast(logged, tf.int64))
 
-        self._hook.when(logged, record)
+        if always or self.every_n_steps == 1:
+            record()  # no branch to trace or run when every step is logged
+        else:
+            self._hook.when(logged, record)
 
         if self.snapshots:
             snapshot = tf.equal(step % self.histogram_every_n_steps, 0)
