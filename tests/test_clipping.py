@@ -1,0 +1,362 @@
+"""GradientClipping and its pure clipping functions: exact numbers, real fits, bad input."""
+
+import copy
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kgrad
+from kgrad.control import clipping_functions as clip
+
+BATCH = 32
+
+
+# -- an exploding setup ----------------------------------------------------------------
+
+
+def _exploding_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    w = rng.normal(size=(8, 1))
+    y = (np.tanh(x @ w) + 0.1 * rng.normal(size=(256, 1))).astype("float32")
+    return x, y
+
+
+def _exploding_model(learning_rate=0.3, **optimizer_kwargs):
+    """A deep tanh MLP with a too-high SGD learning rate: its loss reaches inf/NaN."""
+    layers = [keras.Input((8,))]
+    for i in range(8):
+        init = keras.initializers.RandomNormal(stddev=0.5, seed=i)
+        layers.append(keras.layers.Dense(16, activation="tanh", kernel_initializer=init))
+    init = keras.initializers.RandomNormal(stddev=0.5, seed=99)
+    layers.append(keras.layers.Dense(1, kernel_initializer=init, name="out"))
+    model = keras.Sequential(layers)
+    model.compile(keras.optimizers.SGD(learning_rate, **optimizer_kwargs), loss="mse")
+    return model
+
+
+def _fit(model, callbacks, epochs=6, x=None, y=None):
+    if x is None:
+        x, y = _exploding_data()
+    return model.fit(
+        x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
+        callbacks=callbacks,
+    )
+
+
+def test_the_setup_explodes_without_clipping():
+    losses = _fit(_exploding_model(), []).history["loss"]
+    assert not np.isfinite(losses[-1])
+    assert losses[2] > 100 * losses[0]
+
+
+# An entry bound of 1 still lets every weight move by lr = 0.3 per step: too much here.
+_THRESHOLDS = {"value": 0.1}
+
+
+@pytest.mark.parametrize("mode", kgrad.control.CLIP_MODES)
+def test_every_mode_trains_the_exploding_setup(mode):
+    clipping = kgrad.GradientClipping(mode, threshold=_THRESHOLDS.get(mode))
+    losses = _fit(_exploding_model(), [clipping]).history["loss"]
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert 0.0 < clipping.clipped_fraction <= 1.0
+
+
+# -- pure functions ---------------------------------------------------------------------
+
+
+def test_global_norm_clip_matches_hand_numbers_and_is_idempotent():
+    grads = [tf.constant([[3.0, 0.0], [0.0, 4.0]]), None, tf.constant([12.0])]
+    clipped, norm, hit = clip.clip_by_global_norm(grads, 6.5)
+    assert float(norm) == pytest.approx(13.0)
+    assert bool(hit)
+    assert clipped[1] is None
+    np.testing.assert_allclose(clipped[0], [[1.5, 0.0], [0.0, 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(clipped[2], [6.0], rtol=1e-6)
+    assert float(clip.gradients_global_norm(clipped)) <= 6.5 * (1 + 1e-6)
+    twice, _, _ = clip.clip_by_global_norm(clipped, 6.5)
+    for once, again in zip(clipped, twice):
+        if once is not None:
+            np.testing.assert_allclose(again, once, rtol=1e-6)
+    under, _, hit = clip.clip_by_global_norm(grads, 20.0)
+    assert not bool(hit)
+    np.testing.assert_array_equal(under[0], grads[0])  # untouched, bit for bit
+
+
+def test_global_norm_clip_scales_sparse_values():
+    sparse = tf.IndexedSlices(
+        tf.constant([[3.0, 4.0]]), tf.constant([1], tf.int64), tf.constant([3, 2], tf.int64)
+    )
+    clipped, norm, _ = clip.clip_by_global_norm([sparse], 1.0)
+    assert isinstance(clipped[0], tf.IndexedSlices)
+    assert float(norm) == pytest.approx(5.0)
+    np.testing.assert_allclose(clipped[0].values, [[0.6, 0.8]], rtol=1e-6)
+
+
+def test_group_norm_clips_each_group_on_its_own():
+    grads = [tf.constant([3.0]), tf.constant([4.0]), tf.constant([0.5]), None]
+    clipped, hit = clip.clip_by_group_norm(grads, [[0, 1], [2, 3]], 1.0)
+    assert bool(hit)
+    np.testing.assert_allclose([float(clipped[0][0]), float(clipped[1][0])], [0.6, 0.8])
+    np.testing.assert_array_equal(clipped[2], grads[2])
+    assert clipped[3] is None
+
+
+def test_value_clip_sums_repeated_sparse_rows_first():
+    dense, hit = clip.clip_by_value([tf.constant([-3.0, 0.25, 2.0])], 1.0)
+    assert bool(hit)
+    np.testing.assert_array_equal(dense[0], [-1.0, 0.25, 1.0])
+    sparse = tf.IndexedSlices(
+        tf.constant([[0.75], [0.75], [-0.5]]),
+        tf.constant([2, 2, 0], tf.int64),
+        tf.constant([4, 1], tf.int64),
+    )
+    clipped, hit = clip.clip_by_value([sparse], 1.0)
+    assert bool(hit)  # row 2 sums to 1.5, although no single slice exceeds 1
+    np.testing.assert_array_equal(
+        tf.convert_to_tensor(clipped[0]).numpy().ravel(), [-0.5, 0.0, 1.0, 0.0]
+    )
+
+
+@pytest.mark.parametrize("q", [0.5, 10.0, 37.5, 50.0, 90.0, 100.0])
+@pytest.mark.parametrize("count", [1, 2, 7, 20])
+def test_percentile_matches_numpy_linear(q, count):
+    values = np.random.default_rng(count).lognormal(size=20).astype("float32")
+    got = float(clip.percentile(tf.constant(values), count, q))
+    np.testing.assert_allclose(got, np.percentile(values[:count], q), rtol=1e-6)
+
+
+def test_unitwise_norm_follows_keras_kernel_layouts():
+    dense = np.arange(6, dtype="float32").reshape(3, 2)  # (in, out)
+    np.testing.assert_allclose(
+        clip.unitwise_norm(tf.constant(dense)), [np.linalg.norm(dense, axis=0)], rtol=1e-6
+    )
+    conv = np.random.default_rng(0).normal(size=(3, 3, 2, 4)).astype("float32")  # HWIO
+    expected = np.sqrt((conv**2).sum(axis=(0, 1, 2)))
+    got = clip.unitwise_norm(tf.constant(conv))
+    assert got.shape == (1, 1, 1, 4)
+    np.testing.assert_allclose(np.ravel(got), expected, rtol=1e-6)
+    np.testing.assert_array_equal(clip.unitwise_norm(tf.constant([-2.0, 3.0])), [2.0, 3.0])
+
+
+def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly():
+    weight = np.array([[3.0, 0.0, 1.0], [4.0, 0.0, 0.0]], "float32")  # ‖W_i‖ = 5, 0, 1
+    grad = np.array([[0.03, 1.0, 0.005], [0.04, 0.0, 0.5]], "float32")  # ‖G_i‖ = .05, 1, ~.5
+    bias_w, bias_g = np.array([2.0, 0.0], "float32"), np.array([0.01, -0.5], "float32")
+    clipped, hit = clip.adaptive_clip(
+        [tf.constant(grad), tf.constant(bias_g)],
+        [tf.constant(weight), tf.constant(bias_w)],
+        ratio=0.02,
+        epsilon=1e-3,
+    )
+    assert bool(hit)
+    clipped_kernel = clipped[0].numpy()
+    # unit 0: 0.05 / 5 = 0.01 ≤ 0.02: untouched
+    np.testing.assert_array_equal(clipped_kernel[:, 0], grad[:, 0])
+    # unit 1: zero weights count as ε: rescaled to norm 0.02 · 1e-3
+    np.testing.assert_allclose(np.linalg.norm(clipped_kernel[:, 1]), 2e-5, rtol=1e-5)
+    np.testing.assert_allclose(clipped_kernel[:, 1] / np.linalg.norm(clipped_kernel[:, 1]),
+                               [1.0, 0.0], atol=1e-6)
+    # unit 2: rescaled to norm 0.02 · 1, direction kept
+    scale = 0.02 / np.linalg.norm(grad[:, 2])
+    np.testing.assert_allclose(clipped_kernel[:, 2], grad[:, 2] * scale, rtol=1e-5)
+    # bias, elementwise: 0.01/2 = 0.005 kept; -0.5 against ε → -0.02·1e-3
+    np.testing.assert_allclose(clipped[1], [0.01, -2e-5], rtol=1e-5)
+    skipped, _ = clip.adaptive_clip(
+        [tf.constant(grad)], [tf.constant(weight)], 0.02, skip=[True]
+    )
+    np.testing.assert_array_equal(skipped[0], grad)
+
+
+# -- the callback in real fits ----------------------------------------------------------
+
+
+def _clipped_global(logger):
+    return np.asarray(logger.records.clipped_global_norms)
+
+
+def test_logger_shows_pre_clip_above_and_post_clip_at_most_the_threshold():
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping("global_norm", threshold=1.0)
+    history = _fit(_exploding_model(), [logger, clipping], epochs=2).history
+    pre, post = np.asarray(logger.records.global_norms), _clipped_global(logger)
+    assert (pre > 1.0).any()
+    assert (post <= 1.0 + 1e-5).all()
+    np.testing.assert_allclose(post, np.minimum(pre, 1.0), rtol=1e-5)
+    # The fraction of clipped steps is that of steps whose pre-clip norm exceeded 1.
+    assert clipping.clipped_fraction == pytest.approx(np.mean(pre > 1.0))
+    per_epoch = np.mean((pre > 1.0).reshape(2, -1), axis=1)
+    np.testing.assert_allclose(history["clip/fraction"], per_epoch)
+    assert history["clip/threshold"] == [1.0, 1.0]
+
+
+def test_threshold_changes_mid_training_without_a_retrace():
+    traces = []
+
+    class CountingClipping(kgrad.GradientClipping):
+        def _transform(self, context, gradients):
+            traces.append(1)  # Python runs only while tracing
+            return super()._transform(context, gradients)
+
+    clipping = CountingClipping("global_norm", threshold=1.0)
+    functions = []
+
+    class Lower(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            functions.append(self.model.train_function)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                clipping.threshold = 0.25
+
+    logger = kgrad.GradientNormLogger()
+    _fit(_exploding_model(), [logger, clipping, Lower()], epochs=2)
+    traces_after_first_epoch = len(traces)
+    assert traces_after_first_epoch >= 1
+    assert functions[0] is functions[1]
+    post = _clipped_global(logger).reshape(2, -1)
+    assert (post[0] > 0.25 + 1e-3).any() and (post[0] <= 1.0 + 1e-5).all()
+    assert (post[1] <= 0.25 + 1e-5).all()
+    assert len(traces) == traces_after_first_epoch
+
+
+def test_autoclip_threshold_is_the_percentile_of_the_recorded_history():
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping("autoclip", percentile=25.0, history_size=5)
+    _fit(_exploding_model(), [logger, clipping], epochs=2)
+    pre, post = np.asarray(logger.records.global_norms), _clipped_global(logger)
+    for step in range(len(pre)):
+        window = pre[max(0, step - 4) : step + 1]
+        expected = min(pre[step], np.percentile(window, 25.0))
+        np.testing.assert_allclose(post[step], expected, rtol=1e-5, err_msg=str(step))
+    np.testing.assert_allclose(clipping.history(), pre[-5:], rtol=1e-6)
+    assert clipping.threshold == pytest.approx(np.percentile(clipping.history(), 25.0))
+    clipping.percentile = 50.0  # settable; the threshold itself is computed
+    with pytest.raises(ValueError, match="percentile"):
+        clipping.threshold = 1.0
+
+
+@pytest.mark.parametrize("exclude_final_layer", [True, False])
+def test_agc_excludes_the_final_layer_by_default(exclude_final_layer):
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping(
+        "agc", threshold=0.01, exclude_final_layer=exclude_final_layer
+    )
+    _fit(_exploding_model(), [logger, clipping], epochs=1)
+    frame = logger.to_dataframe()
+    final = frame[frame.layer == "out"]
+    hidden = frame[frame.layer != "out"]
+    assert (hidden.clipped_grad_norm < hidden.grad_norm * (1 - 1e-4)).any()
+    unchanged = np.isclose(final.clipped_grad_norm, final.grad_norm, rtol=1e-6)
+    assert unchanged.all() == exclude_final_layer
+
+
+def test_layer_norm_bounds_every_layer():
+    logger = kgrad.GradientNormLogger()
+    _fit(_exploding_model(), [logger, kgrad.GradientClipping("layer_norm", 0.5)], epochs=1)
+    frame = logger.to_dataframe()
+    frame["pre"], frame["post"] = frame.grad_norm**2, frame.clipped_grad_norm**2
+    per_layer = np.sqrt(frame.groupby(["step", "layer"])[["pre", "post"]].sum())
+    assert (per_layer.pre > 0.5).any()
+    assert (per_layer.post <= 0.5 * (1 + 1e-5)).all()
+    np.testing.assert_allclose(per_layer.post, np.minimum(per_layer.pre, 0.5), rtol=1e-5)
+
+
+def test_clipping_under_mixed_precision_acts_on_unscaled_gradients():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = _exploding_model()
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    logger = kgrad.GradientNormLogger()
+    _fit(model, [logger, kgrad.GradientClipping("global_norm", 1.0)], epochs=1)
+    pre, post = np.asarray(logger.records.global_norms), _clipped_global(logger)
+    finite = np.isfinite(pre)
+    assert (pre[finite] > 1.0).any()
+    np.testing.assert_allclose(post[finite], np.minimum(pre[finite], 1.0), rtol=1e-3)
+    # Overflowing steps (the first scales are too high) stay non-finite, so that the
+    # LossScaleOptimizer still skips them and lowers its scale.
+    assert not finite.all() and not np.isfinite(post[~finite]).any()
+
+
+def test_clipping_under_mirrored_strategy_clips_the_aggregated_gradient():
+    # Not the default collective all-reduce: TensorFlow reuses collective keys across
+    # MirroredStrategy instances in one process, so a second strategy whose model has
+    # another size fails (plain Keras too) after any other mirrored test.
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    with strategy.scope():
+        model = _exploding_model()
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping("global_norm", 1.0)
+    _fit(model, [logger, clipping], epochs=1)
+    pre, post = np.asarray(logger.records.global_norms), _clipped_global(logger)
+    assert (pre > 1.0).any()
+    np.testing.assert_allclose(post, np.minimum(pre, 1.0), rtol=1e-5)
+    assert clipping.clipped_fraction == pytest.approx(np.mean(pre > 1.0))
+
+
+def test_deepcopy_before_and_after_fit_trains():
+    clipping = kgrad.GradientClipping("agc")
+    before = copy.deepcopy(clipping)
+    _fit(_exploding_model(), [clipping], epochs=1)
+    after = copy.deepcopy(clipping)
+    assert after.model is None and after._threshold_variable is None
+    for copied in (before, after):
+        losses = _fit(_exploding_model(), [copied], epochs=2).history["loss"]
+        assert np.isfinite(losses).all()
+    assert clipping._hook is None  # removed at train end: the optimizer is restored
+    assert "apply" not in vars(_exploding_model().optimizer)
+
+
+# -- bad input --------------------------------------------------------------------------
+
+
+def test_bad_arguments_are_rejected_with_the_rule_and_the_value():
+    with pytest.raises(ValueError, match="global_norm, layer_norm, value, autoclip, agc"):
+        kgrad.GradientClipping("norm")
+    with pytest.raises(ValueError, match=r"`threshold` must be a number > 0.*threshold=0"):
+        kgrad.GradientClipping("global_norm", threshold=0)
+    with pytest.raises(ValueError, match=r"λ.*threshold=-0.01"):
+        kgrad.GradientClipping("agc", threshold=-0.01)
+    for bad in (0, 100.5, -3):
+        with pytest.raises(ValueError, match=rf"\(0, 100\].*percentile={bad}"):
+            kgrad.GradientClipping("autoclip", percentile=bad)
+    with pytest.raises(ValueError, match="leave `threshold` unset"):
+        kgrad.GradientClipping("autoclip", threshold=1.0)
+    with pytest.raises(ValueError, match="history_size"):
+        kgrad.GradientClipping("autoclip", history_size=0)
+    clipping = kgrad.GradientClipping()
+    with pytest.raises(ValueError, match="threshold=-1"):
+        clipping.threshold = -1
+
+
+@pytest.mark.parametrize("option", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_optimizer_clipping_is_rejected_before_training(option):
+    model = _exploding_model(**{option: 1.0})
+    weights = model.get_weights()
+    with pytest.raises(ValueError, match=rf"{option}=1.0.*Keep one: remove `{option}`"):
+        _fit(model, [kgrad.GradientClipping()], epochs=1)
+    for before, now in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, now)  # no step ran
+
+
+def test_loss_scale_optimizer_inner_clipping_is_rejected():
+    model = _exploding_model()
+    inner = keras.optimizers.SGD(0.1, global_clipnorm=1.0)
+    model.compile(keras.optimizers.LossScaleOptimizer(inner), loss="mse")
+    with pytest.raises(ValueError, match="global_clipnorm"):
+        _fit(model, [kgrad.GradientClipping()], epochs=1)
+
+
+def test_a_train_step_that_bypasses_the_optimizer_is_reported():
+    from test_gradient_norm_logger import CustomLoopNet  # updates without the optimizer
+
+    x, y = _exploding_data()
+    model = CustomLoopNet()
+    model(x[:1])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(RuntimeError, match="never called"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[kgrad.GradientClipping()])
