@@ -8,16 +8,26 @@ from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
 from kgrad.capture.probe import probe_gradients
 from kgrad.capture.step_hook import StepContext, StepHook
 from kgrad.capture.variables import TrackedVariable, track_variables
+from kgrad.control import (
+    EarlyStopping,
+    GradientClipping,
+    LearningRateWarmup,
+    WarmupSchedule,
+)
 from kgrad.records.gradient_records import GradientRecords
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EarlyStopping",
+    "GradientClipping",
     "GradientNormLogger",
     "GradientRecords",
+    "LearningRateWarmup",
     "StepContext",
     "StepHook",
     "TrackedVariable",
+    "WarmupSchedule",
     "probe_gradients",
     "records",
     "stats",
