@@ -1,0 +1,353 @@
+"""`GradientHealthMonitor`: the diagnosis detectors, run during `model.fit`."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
+from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
+from kgrad.capture.probe import check_probe_data
+from kgrad.capture.variables import track_variables
+from kgrad.diagnosis.activations import functional_reason, network_context
+from kgrad.diagnosis.dead_units import DEAD_AFTER_PROBES, detect_dead_units
+from kgrad.diagnosis.exploding import SPIKE_FACTOR, SPIKE_WINDOW
+from kgrad.diagnosis.findings import Finding
+from kgrad.diagnosis.from_records import diagnose_records, gradient_findings
+from kgrad.diagnosis.report import Report
+from kgrad.diagnosis.saturation import detect_saturation
+from kgrad.diagnosis.stalled import stalled_beyond_trend
+from kgrad.diagnosis.unit_health import UnitHealth
+from kgrad.diagnosis.unit_probe import UnitProbe
+
+HEALTH_KEYS = (
+    "health/decay",
+    "health/first_to_last",
+    "health/dead_fraction",
+    "health/saturated_fraction",
+    "health/findings",
+)
+
+
+class GradientHealthWarning(UserWarning):
+    """A gradient-health problem found during training."""
+
+
+class GradientHealthMonitor(KgradCallback):
+    """Watches gradient health during `fit` and says what is wrong, once.
+
+    Gradients come from the real training step through a `GradientNormLogger` (its
+    own, or the one given as `logger`); at the end of every epoch the gradient
+    detectors run on the epoch's logged steps: vanishing and growth across depth,
+    non-finite gradients (first step, first layer), spikes of the global norm against
+    a rolling median. Every `probe_every_n_steps` steps a probe measures how far each
+    layer's weights moved (stalled layers) and, with `probe_data`, which ReLU units
+    fired and how many sigmoid/tanh activations saturate. A unit is dead when it is
+    silent for every probe example in `dead_after_probes` probes in a row.
+
+    Each new finding (a kind, or layers not named before for it) is announced once:
+    printed when `verbose > 0`, else issued as a `GradientHealthWarning`. Every
+    finding is kept in `monitor.findings` with its step; `monitor.report()` gives a
+    `Report`. At each epoch end these go into `logs` (list the monitor before
+    CSVLogger/EarlyStopping): `health/decay` (median per-layer ratio of the
+    backpropagated signal), `health/first_to_last`, `health/dead_fraction` (dead
+    units over all ReLU units), `health/saturated_fraction` (mean over sigmoid/tanh
+    sites) and `health/findings` (findings made this epoch); NaN where unknown. The
+    logger's `grad_norm/global` and `grad_norm/first_to_last` come along.
+
+    Args:
+        probe_data: Probe inputs `x`, or `(x, y)` / `(x, y, sample_weight)` of which
+            only `x` is used (a few hundred examples). Defaults to `None`: no unit
+            statistics.
+        probe_every_n_steps: Steps between probes. Defaults to `50`.
+        every_n_steps: Log gradient norms at steps that are multiples of this (the
+            monitor's own logger). Defaults to `1`.
+        layers: Glob patterns of the layers to record (own logger). Defaults to
+            `None`, every layer.
+        logger: A `GradientNormLogger` that is also in `callbacks`, before the
+            monitor, to read instead of creating one. Defaults to `None`.
+        dead_after_probes: Probes in a row a unit must be silent to be dead.
+            Defaults to `3`.
+        spike_factor: A spike exceeds the rolling median by this factor. Defaults
+            to `10.0`.
+        spike_window: Logged steps in the rolling median. Defaults to `50`.
+        verbose: `1` prints each new finding with its first fix; `0` issues
+            warnings instead. Defaults to `1`.
+
+    Raises:
+        ValueError: on a bad argument; in `on_train_begin`, when the model is not
+            compiled, `probe_data` does not fit it, or `logger` is not placed
+            before the monitor.
+
+    References:
+        Schoenholz et al. 2017; Yang et al. 2019; Lu et al. 2019; Pascanu et al. 2013.
+
+    Example:
+
+    >>> monitor = kgrad.GradientHealthMonitor(probe_data=x_train[:256])
+    >>> model.fit(x_train, y_train, epochs=5, callbacks=[monitor])  # doctest: +SKIP
+    >>> print(monitor.report())  # doctest: +SKIP
+    """
+
+    _transient = ("_model", "_own_logger", "_probe", "_pending", "_lock")
+
+    def __init__(
+        self,
+        probe_data: Any = None,
+        probe_every_n_steps: int = 50,
+        every_n_steps: int = 1,
+        layers: str | Sequence[str] | None = None,
+        logger: GradientNormLogger | None = None,
+        dead_after_probes: int = DEAD_AFTER_PROBES,
+        spike_factor: float = SPIKE_FACTOR,
+        spike_window: int = SPIKE_WINDOW,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        self.probe_every_n_steps = check_positive_int(probe_every_n_steps, "probe_every_n_steps")
+        self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
+        self.dead_after_probes = check_positive_int(dead_after_probes, "dead_after_probes")
+        self.spike_window = check_positive_int(spike_window, "spike_window")
+        if isinstance(spike_factor, bool) or not isinstance(spike_factor, (int, float)) or not spike_factor > 1:
+            raise ValueError(
+                "`spike_factor` must be a number greater than 1 (a spike is that many "
+                f"times the rolling median). Received: spike_factor={spike_factor!r}"
+            )
+        self.spike_factor = float(spike_factor)
+        if logger is not None and not isinstance(logger, GradientNormLogger):
+            raise ValueError(
+                "`logger` must be a `kgrad.GradientNormLogger` (or `None` to let the "
+                f"monitor create one). Received: logger of type {type(logger).__name__}"
+            )
+        if logger is not None and (every_n_steps != 1 or layers is not None):
+            raise ValueError(
+                "`every_n_steps` and `layers` configure the monitor's own logger; with "
+                "`logger=` set them on that logger instead. Received: "
+                f"every_n_steps={every_n_steps}, layers={layers!r}"
+            )
+        self.logger = logger
+        self.layers = [layers] if isinstance(layers, str) else layers
+        if probe_data is not None and len(probe_data) == 0:
+            raise ValueError("`probe_data` is empty: give a few hundred probe examples.")
+        self.probe_data = probe_data
+        self.verbose = verbose
+        self.async_safe = True  # the batch hook only counts steps and queues probes
+        self.findings: list[Finding] = []
+        self.unit_health: UnitHealth | None = None
+        self._units = None
+        self._records = None
+        self._context = None
+        self._notes: list[str] = []
+        self._own_logger: GradientNormLogger | None = None
+        self._probe: UnitProbe | None = None
+        self._pending: list = []
+        self._lock = threading.Lock()
+
+    # -- public results ---------------------------------------------------------------
+
+    @property
+    def records(self):
+        """The gradient records of the last `fit()` (from the logger used)."""
+        logger = self.logger or self._own_logger
+        return logger.records if logger is not None else self._records
+
+    def report(self) -> Report:
+        """The `Report` of the last `fit()`: gradients over every logged step, unit
+        statistics after the last probe, update ratios of the last probes.
+
+        Raises:
+            RuntimeError: before any training.
+        """
+        if self.records is None or len(self.records) == 0:
+            raise RuntimeError(
+                "GradientHealthMonitor has nothing to report yet: pass it to "
+                "`model.fit(callbacks=[monitor])` first."
+            )
+        health = self.unit_health
+        return diagnose_records(
+            self.records,
+            self._context,
+            units=self._units,
+            update_ratios=(health.update_ratios or None) if health else None,
+            dead_criterion=f"{self.dead_after_probes} probes in a row",
+            notes=self._notes,
+        )
+
+    # -- callback hooks ---------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        check_trainable(model)
+        self._lock = threading.Lock()
+        self._notes = []
+        x = self._probe_inputs()
+        if x is not None:
+            check_probe_data(model, (x, None), "probe_data")
+            reason = functional_reason(model)
+            if reason is not None:
+                self._notes.append(reason)
+                warnings.warn(
+                    f"GradientHealthMonitor: {reason}", GradientHealthWarning, stacklevel=2
+                )
+                x = None
+        if self.logger is not None:
+            logger = self.logger
+            if logger.model is not model or logger.records is None or len(logger.records):
+                raise ValueError(
+                    "The `logger` given to GradientHealthMonitor must also be in "
+                    "`callbacks`, placed before the monitor: "
+                    "`fit(callbacks=[logger, monitor])`."
+                )
+        else:
+            self._own_logger = GradientNormLogger(self.every_n_steps, self.layers)
+            self._own_logger.set_model(model)
+            self._own_logger.set_params(self.params)
+            self._own_logger.on_train_begin(logs)
+        self._context = network_context(model)
+        self._probe = UnitProbe(model, track_variables(model, self.layers), x)
+        self.unit_health = UnitHealth(
+            self._probe.site_infos, self._probe.layers, self.dead_after_probes
+        )
+        self._pending = []
+        self._units = None
+        self._warned: dict[tuple[str, Any], set[str]] = {}
+        self._rows_seen = 0
+        self._last_bucket = -1
+        self._summary = None
+        self._previous_probe_step = int(model.optimizer.iterations.numpy()) - 1
+        self.findings = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_first_step = int(self.model.optimizer.iterations.numpy())
+        if self._own_logger is not None:
+            self._own_logger.on_epoch_begin(epoch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._own_logger is not None:
+            self._own_logger.on_train_batch_end(batch, logs)
+        step = self._epoch_first_step + batch
+        bucket = step // self.probe_every_n_steps
+        with self._lock:  # batch ends may run concurrently (async dispatch)
+            if bucket > self._last_bucket:
+                self._last_bucket = bucket
+                self._pending.append((step, self._probe()))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._own_logger is not None:
+            self._own_logger.on_epoch_end(epoch, logs)
+        new = self._judge()
+        if logs is not None:
+            summary = self._summary
+            units = self.unit_health.health_values()
+            logs.update(
+                {
+                    "health/decay": np.nan if summary is None else summary.decay,
+                    "health/first_to_last": np.nan
+                    if summary is None
+                    else summary.first_to_last,
+                    "health/dead_fraction": units["dead_fraction"],
+                    "health/saturated_fraction": units["saturated_fraction"],
+                    "health/findings": float(len(new)),
+                }
+            )
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        try:
+            if self._own_logger is not None:
+                self._own_logger.on_train_end(logs)
+            if self._probe is not None:
+                self._judge()
+        finally:
+            if self._own_logger is not None:
+                self._records = self._own_logger.records
+            self._own_logger = None
+            self._probe = None
+            self._pending = []
+
+    # -- internals --------------------------------------------------------------------
+
+    def _probe_inputs(self) -> Any:
+        data = self.probe_data
+        if isinstance(data, tuple) and len(data) in (2, 3):
+            return data[0]
+        return data
+
+    def _judge(self) -> list[Finding]:
+        """Runs the detectors on what arrived since the last call; announces news."""
+        records = self.records
+        findings: list[Finding] = []
+        if records is not None and len(records) > self._rows_seen:
+            findings, self._summary = gradient_findings(
+                records,
+                self._context,
+                start=self._rows_seen,
+                spike_factor=self.spike_factor,
+                spike_window=self.spike_window,
+            )
+            self._rows_seen = len(records)
+        probe_step = self._consume_probes()
+        if probe_step is not None:
+            units = self.unit_health.table()
+            units["dead_bias_mean"] = self._probe.dead_bias_means(self.unit_health.dead_masks())
+            if (units["dead_units"] > 0).any():  # what input correlation explains
+                units["null_silent_fraction"] = self._probe.null_silent_fractions()
+            self._units = units
+            dead = units.dropna(subset=["dead_units"])
+            saturated = units.dropna(subset=["saturated_fraction"])
+            criterion = f"{self.dead_after_probes} probes in a row"
+            findings += [
+                detect_dead_units(dead, context=self._context, step=probe_step, criterion=criterion)
+                if len(dead)
+                else None,
+                detect_saturation(saturated, context=self._context, step=probe_step)
+                if len(saturated)
+                else None,
+                stalled_beyond_trend(
+                    self.unit_health.update_ratios, findings, context=self._context, step=probe_step
+                ),
+            ]
+        findings = [finding for finding in findings if finding is not None]
+        for finding in findings:
+            self.findings.append(finding)
+            self._announce(finding)
+        return findings
+
+    def _consume_probes(self) -> int | None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        ratios: dict[str, list[float]] = {}
+        for step, result in sorted(pending, key=lambda item: item[0]):
+            active, saturated, deltas, weights = self._probe.decode(result)
+            per_layer = self.unit_health.add(
+                step, active, saturated, deltas, weights, self._previous_probe_step
+            )
+            self._previous_probe_step = step
+            for layer, value in per_layer.items():
+                ratios.setdefault(layer, []).append(value)
+        if not ratios:
+            return None
+        self.unit_health.update_ratios = {
+            layer: float(np.median(values)) for layer, values in ratios.items()
+        }
+        return self.unit_health.last_step
+
+    def _announce(self, finding: Finding) -> None:
+        # A trend across depth (or a spike) is one story however its layers shift;
+        # dead, saturated, stalled or non-finite layers are news when a layer is new.
+        signal = finding.evidence.get("signal")
+        trend = finding.kind == "vanishing" or signal in ("depth_growth", "norm_spike")
+        group = (finding.kind, signal)
+        if group in self._warned and (trend or set(finding.layers) <= self._warned[group]):
+            return
+        self._warned.setdefault(group, set()).update(finding.layers)
+        text = f"GradientHealthMonitor: {finding.summary()}"
+        if finding.fixes:
+            text += f"\n  Fix: {finding.fixes[0]}"
+        if self.verbose:
+            print(text)
+        else:
+            warnings.warn(text, GradientHealthWarning, stacklevel=2)

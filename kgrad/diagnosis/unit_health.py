@@ -1,0 +1,131 @@
+"""Unit health over time: dead units across probes in a row, saturation, update ratios.
+
+`UnitHealth` folds the successive results of `UnitProbe` into the tables the detectors
+read. It holds plain values only (no model), so a monitor keeping it survives
+`copy.deepcopy` and can report after training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from kgrad.diagnosis.dead_units import consecutive_silence
+from kgrad.diagnosis.stalled import update_ratios
+
+UNIT_COLUMNS = ["site", "layer", "activation", "units", "dead_units", "saturated_fraction"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteInfo:
+    """An activation site described by plain values."""
+
+    site: str
+    layer: str | None
+    activation: str
+    units: int
+
+
+class UnitHealth:
+    """Accumulates probe results: silent streaks per unit, saturation, update ratios.
+
+    Args:
+        sites: The activation sites probed, in the probe's order.
+        layers: The layers whose weight movement is probed.
+        dead_after_probes: Probes in a row a unit must be silent to count as dead.
+
+    Example:
+
+    >>> health = UnitHealth([SiteInfo("dense", "dense", "relu", 2)], ["dense"], 2)
+    >>> for step in (0, 10):
+    ...     health.add(step, [np.array([True, False])], [None], [0.1], [1.0])
+    >>> health.table().dead_units.tolist()
+    [1]
+    """
+
+    def __init__(self, sites: Sequence[SiteInfo], layers: Sequence[str], dead_after_probes: int):
+        self.sites = list(sites)
+        self.layers = list(layers)
+        self.dead_after_probes = dead_after_probes
+        self.silent_counts: list[np.ndarray | None] = [None] * len(self.sites)
+        self.saturated: list[float | None] = [None] * len(self.sites)
+        self.update_ratios: dict[str, float] = {}
+        self.probes = 0
+        self.last_step: int | None = None
+
+    def add(
+        self,
+        step: int,
+        active: Sequence[np.ndarray | None],
+        saturated: Sequence[float | None],
+        delta_norms: Sequence[float],
+        weight_norms: Sequence[float],
+        previous_step: int | None = None,
+    ) -> dict[str, float]:
+        """Folds in one probe taken after `step`.
+
+        Args:
+            step: The step the probe followed.
+            active: Per site, which units fired (ReLU family) or `None`.
+            saturated: Per site, the saturated fraction (sigmoid/tanh) or `None`.
+            delta_norms: ‖w − w_prev‖ per layer since the previous probe.
+            weight_norms: ‖w‖ per layer.
+            previous_step: The step of the previous weight snapshot. Defaults to
+                `None`: the previous probe's step (or `step − 1` for the first).
+
+        Returns:
+            The update-to-weight ratio per layer and step of this probe.
+        """
+        for index, (units, fraction) in enumerate(zip(active, saturated)):
+            if units is not None:
+                self.silent_counts[index] = consecutive_silence(
+                    self.silent_counts[index], ~np.asarray(units, dtype=bool)
+                )
+            if fraction is not None:
+                self.saturated[index] = float(fraction)
+        if previous_step is None:
+            previous_step = step - 1 if self.last_step is None else self.last_step
+        ratios = update_ratios(
+            dict(zip(self.layers, delta_norms)),
+            dict(zip(self.layers, weight_norms)),
+            max(1, step - previous_step),
+        )
+        self.last_step = step
+        self.probes += 1
+        return ratios
+
+    def dead_masks(self) -> list[np.ndarray | None]:
+        """Per site, which units are dead now (`None` for sigmoid/tanh sites)."""
+        return [
+            None if counts is None else counts >= self.dead_after_probes
+            for counts in self.silent_counts
+        ]
+
+    def table(self) -> pd.DataFrame:
+        """One row per site: `site, layer, activation, units, dead_units,
+        saturated_fraction` (NaN where not measured)."""
+        rows = []
+        for info, counts, saturated in zip(self.sites, self.silent_counts, self.saturated):
+            dead = np.nan if counts is None else int(np.sum(counts >= self.dead_after_probes))
+            rows.append(
+                [info.site, info.layer, info.activation, info.units, dead,
+                 np.nan if saturated is None else saturated]
+            )
+        return pd.DataFrame(rows, columns=UNIT_COLUMNS)
+
+    def health_values(self) -> dict[str, float]:
+        """The dead fraction over all ReLU units and the mean saturated fraction."""
+        table = self.table()
+        relu = table.dropna(subset=["dead_units"])
+        saturating = table.dropna(subset=["saturated_fraction"])
+        return {
+            "dead_fraction": float(relu["dead_units"].sum() / relu["units"].sum())
+            if len(relu)
+            else float("nan"),
+            "saturated_fraction": float(saturating["saturated_fraction"].mean())
+            if len(saturating)
+            else float("nan"),
+        }

@@ -1,0 +1,248 @@
+"""GradientHealthMonitor: detectors during fit, warned once, values in logs."""
+
+import copy
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import kgrad
+from kgrad.callbacks.gradient_health_monitor import GradientHealthWarning
+
+HEALTH_KEYS = {
+    "health/decay",
+    "health/first_to_last",
+    "health/dead_fraction",
+    "health/saturated_fraction",
+    "health/findings",
+}
+
+
+def _data(n=256, features=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((n, features)).astype("float32"),
+        rng.standard_normal((n, 1)).astype("float32"),
+    )
+
+
+def _compiled(model, learning_rate=0.01):
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="mse")
+    return model
+
+
+def _dead_net(dead=6, width=32):
+    bias = np.zeros(width, "float32")
+    bias[:dead] = -10.0
+    return _compiled(
+        keras.Sequential(
+            [
+                keras.Input((16,)),
+                keras.layers.Dense(width, activation="relu", kernel_initializer="he_normal", name="d0"),
+                keras.layers.Dense(
+                    width, activation="relu", kernel_initializer="he_normal", name="d1",
+                    bias_initializer=keras.initializers.Constant(bias),
+                ),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
+    )
+
+
+def _sigmoid_net(depth=12, width=32):
+    layers = [keras.Input((16,))]
+    layers += [keras.layers.Dense(width, activation="sigmoid") for _ in range(depth)]
+    return _compiled(keras.Sequential(layers + [keras.layers.Dense(1)]))
+
+
+class Synchronous(keras.callbacks.Callback):
+    """Overrides a batch hook, so Keras dispatches batch callbacks synchronously."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
+def test_dead_units_over_probes_in_a_row_with_exact_count():
+    x, y = _data()
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=(x, y), probe_every_n_steps=2, dead_after_probes=3, verbose=0
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = _dead_net(dead=6).fit(
+            x, y, batch_size=32, epochs=2, callbacks=[monitor], verbose=0
+        )
+    dead = [f for f in monitor.findings if f.kind == "dead_units"]
+    assert dead and all(f.evidence["dead_units"] == {"d1": 6} for f in dead)
+    # Judged at each epoch end, as of the epoch's last probe (steps 0, 2, 4, 6 | ...).
+    assert [f.step for f in dead] == [6, 14]
+    assert dead[0].evidence["negative_bias"] is True
+    # Announced once although found at both epoch ends.
+    announced = [w for w in caught if issubclass(w.category, GradientHealthWarning)]
+    assert sum("dead_units" in str(w.message) for w in announced) == 1
+    assert HEALTH_KEYS <= set(history.history)
+    assert history.history["health/dead_fraction"][-1] == pytest.approx(6 / 64)
+    assert np.isnan(history.history["health/saturated_fraction"][-1])  # no sigmoid
+    assert "grad_norm/global" in history.history  # from the monitor's own logger
+
+
+def test_silent_units_of_a_healthy_deep_relu_net_are_not_dead():
+    # Trap 3: deep He-initialized ReLU units are silent on correlated inputs; the
+    # null model explains them, so persistence alone does not make them dead.
+    x, y = _data(256, 64)
+    layers = [keras.Input((64,))] + [
+        keras.layers.Dense(64, activation="relu", kernel_initializer="he_normal")
+        for _ in range(16)
+    ]
+    model = _compiled(keras.Sequential(layers + [keras.layers.Dense(1)]), 1e-4)
+    monitor = kgrad.GradientHealthMonitor(probe_data=x, probe_every_n_steps=1, verbose=0)
+    model.fit(x, y, batch_size=64, epochs=1, callbacks=[monitor], verbose=0)
+    assert monitor.unit_health.table()["dead_units"].sum() > 10  # silent for 4 probes
+    assert not [f for f in monitor.findings if f.kind == "dead_units"]
+
+
+def test_vanishing_during_fit_is_found_and_announced_once(capsys):
+    x, y = _data()
+    monitor = kgrad.GradientHealthMonitor(verbose=1)
+    history = _sigmoid_net().fit(x, y, batch_size=32, epochs=3, callbacks=[monitor], verbose=0)
+    vanishing = [f for f in monitor.findings if f.kind == "vanishing"]
+    assert len(vanishing) == 3  # one per epoch end, each with its step
+    assert [f.step for f in vanishing] == [7, 15, 23]
+    assert capsys.readouterr().out.count("vanishing") == 1
+    decay = history.history["health/decay"]
+    assert all(0.15 < value < 0.35 for value in decay)  # sigmoid: ~0.236 per layer
+    assert history.history["health/first_to_last"][0] == pytest.approx(
+        history.history["grad_norm/first_to_last"][0]
+    )
+    report = monitor.report()
+    assert "vanishing" in report.kinds
+    assert report.layers["activation"].iloc[0] == "sigmoid"
+
+
+class SqrtOfSquare(keras.layers.Layer):
+    """sqrt(x²) = |x|, except at x = 0 exactly, where backprop gives inf · 0 = NaN."""
+
+    def call(self, inputs):
+        return keras.ops.sqrt(keras.ops.square(inputs))
+
+
+def test_first_non_finite_step_and_layer_during_fit():
+    class SilenceAtStep(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 3:
+                dense = self.model.get_layer("d1")
+                kernel = keras.ops.convert_to_numpy(dense.kernel)
+                bias = keras.ops.convert_to_numpy(dense.bias)
+                kernel[:, 0], bias[0] = 0.0, 0.0
+                dense.kernel.assign(kernel)
+                dense.bias.assign(bias)
+
+    model = _compiled(
+        keras.Sequential(
+            [
+                keras.Input((16,)),
+                keras.layers.Dense(8, activation="tanh", name="d0"),
+                keras.layers.Dense(8, name="d1"),
+                SqrtOfSquare(name="sqrt"),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
+    )
+    x, y = _data(256)
+    monitor = kgrad.GradientHealthMonitor(verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=32, epochs=1, callbacks=[SilenceAtStep(), monitor], verbose=0)
+    (non_finite,) = [f for f in monitor.findings if f.kind == "non_finite"]
+    assert non_finite.step == 3
+    assert non_finite.evidence["origin_layer"] == "d1"
+    assert non_finite.layers == ["d0", "d1"]
+
+
+def test_update_ratio_is_the_sgd_step_over_the_weight_norm():
+    # Plain SGD moves w by lr·g, so ‖Δw‖/‖w‖ per step is lr·‖g‖/‖w‖, with ‖g‖ and
+    # ‖w‖ from the logger's records of the same steps.
+    x, y = _data()
+    model = _sigmoid_net(depth=3)
+    logger = kgrad.GradientNormLogger()
+    monitor = kgrad.GradientHealthMonitor(logger=logger, probe_every_n_steps=1, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, callbacks=[logger, monitor, Synchronous()], verbose=0)
+    records = logger.records
+    for layer in records.layers:
+        columns = [i for i, v in enumerate(records.variables) if v.layer == layer]
+        grads = np.sqrt((records.grad_norms[:, columns].astype(float) ** 2).sum(axis=1))
+        weights = np.sqrt((records.weight_norms[:, columns].astype(float) ** 2).sum(axis=1))
+        expected = np.median(0.01 * grads / weights)
+        assert monitor.unit_health.update_ratios[layer] == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.filterwarnings("ignore::kgrad.callbacks.gradient_health_monitor.GradientHealthWarning")
+def test_survives_deepcopy_before_and_after_fit():
+    x, y = _data()
+    monitor = kgrad.GradientHealthMonitor(probe_data=x, probe_every_n_steps=2, verbose=0)
+    fresh = copy.deepcopy(monitor)
+    _dead_net().fit(x, y, batch_size=32, epochs=1, callbacks=[monitor], verbose=0)
+    trained = copy.deepcopy(monitor)
+    assert trained.findings and trained.report().findings
+    for clone in (fresh, trained):
+        keras.backend.clear_session()
+        _dead_net().fit(x, y, batch_size=32, epochs=1, callbacks=[clone], verbose=0)
+        assert any(f.kind == "dead_units" for f in clone.findings)
+
+
+def test_subclassed_model_warns_which_statistics_are_unavailable():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(8, activation="relu")
+            self.out = keras.layers.Dense(1)
+
+        def call(self, inputs):
+            return self.out(self.hidden(inputs))
+
+    x, y = _data(64)
+    model = _compiled(Net())
+    model(x[:2])
+    monitor = kgrad.GradientHealthMonitor(probe_data=x, verbose=0)
+    with pytest.warns(GradientHealthWarning, match="dead-unit and saturation statistics"):
+        model.fit(x, y, batch_size=32, epochs=1, callbacks=[monitor], verbose=0)
+    report = monitor.report()
+    assert report.layers["grad_norm"].notna().all()  # gradients still recorded
+    assert any("subclassed" in note for note in report.notes)
+
+
+def test_external_logger_must_come_first():
+    x, y = _data(64)
+    logger = kgrad.GradientNormLogger()
+    monitor = kgrad.GradientHealthMonitor(logger=logger, verbose=0)
+    with pytest.raises(ValueError, match=r"placed before the monitor"):
+        _dead_net().fit(x, y, epochs=1, callbacks=[monitor, logger], verbose=0)
+
+
+def test_probe_data_that_does_not_fit_fails_before_training():
+    x, y = _data(64)
+    monitor = kgrad.GradientHealthMonitor(probe_data=np.zeros((8, 3), "float32"))
+    with pytest.raises(ValueError, match="`probe_data` does not fit model"):
+        _dead_net().fit(x, y, epochs=1, callbacks=[monitor], verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"probe_every_n_steps": 0}, "`probe_every_n_steps` must be a positive integer. Received: probe_every_n_steps=0"),
+        ({"dead_after_probes": 1.5}, "`dead_after_probes` must be a positive integer"),
+        ({"spike_factor": 1.0}, "`spike_factor` must be a number greater than 1"),
+        ({"logger": "yes"}, "`logger` must be a `kgrad.GradientNormLogger`"),
+        ({"logger": kgrad.GradientNormLogger(), "every_n_steps": 5}, "set them on that logger"),
+        ({"probe_data": np.zeros((0, 4))}, "`probe_data` is empty"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kgrad.GradientHealthMonitor(**kwargs)
+
+
+def test_report_before_training_raises():
+    with pytest.raises(RuntimeError, match="nothing to report yet"):
+        kgrad.GradientHealthMonitor().report()
