@@ -30,10 +30,15 @@ from zoo.registry import create_model
 from zoo.registry import get_model_spec
 from zoo.registry import list_models
 from zoo.registry import register_model
+from zoo.tuning import HyperCNN
+from zoo.tuning import HyperMLP
+from zoo.tuning import tuner_results
 
 __all__ = [
     "BLOCKS",
     "Block",
+    "HyperCNN",
+    "HyperMLP",
     "ModelSpec",
     "build_cnn",
     "build_mlp",
@@ -43,4 +48,5 @@ __all__ = [
     "get_model_spec",
     "list_models",
     "register_model",
+    "tuner_results",
 ]
