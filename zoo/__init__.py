@@ -25,6 +25,8 @@ from zoo.builders import Block
 from zoo.builders import build_cnn
 from zoo.builders import build_mlp
 from zoo.builders import default_initializer
+from zoo.depth_sweep import depth_sweep
+from zoo.depth_sweep import plot_depth_sweep
 from zoo.registry import ModelSpec
 from zoo.registry import create_model
 from zoo.registry import get_model_spec
@@ -45,8 +47,10 @@ __all__ = [
     "create_model",
     "datasets",
     "default_initializer",
+    "depth_sweep",
     "get_model_spec",
     "list_models",
+    "plot_depth_sweep",
     "register_model",
     "tuner_results",
 ]
