@@ -1,0 +1,1 @@
+"""Runnable examples (scripts) that use zoo."""
