@@ -292,9 +292,10 @@ class GradientHealthMonitor(KgradCallback):
         probe_step = self._consume_probes()
         if probe_step is not None:
             units = self.unit_health.table()
-            units["dead_bias_mean"] = self._probe.dead_bias_means(self.unit_health.dead_masks())
-            if (units["dead_units"] > 0).any():  # what input correlation explains
-                units["null_silent_fraction"] = self._probe.null_silent_fractions()
+            dead_masks = self.unit_health.dead_masks()
+            units["dead_bias_mean"] = self._probe.dead_bias_means(dead_masks)
+            # What the correlation of the inputs explains (REFERENCES.md, trap 3).
+            units["null_silent_fraction"] = self._probe.null_silent_fractions(dead_masks)
             self._units = units
             dead = units.dropna(subset=["dead_units"])
             saturated = units.dropna(subset=["saturated_fraction"])

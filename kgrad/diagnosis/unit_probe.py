@@ -30,6 +30,8 @@ from kgrad.diagnosis.unit_health import SiteInfo
 # Fewer null units than `diagnose` uses: computed once per epoch during training, and
 # 256 units pin the null fraction to about ±0.03.
 PROBE_NULL_UNITS = 256
+# Probes run eagerly before the forward pass is compiled (tracing costs ~a dozen).
+EAGER_PROBES = 16
 
 
 class UnitProbe:
@@ -57,15 +59,30 @@ class UnitProbe:
             for layer in self.layers
         ]
         self.sites = activation_sites(model) if x is not None else []
+        # The null model of dead units reads each ReLU site's kernel input; the probe
+        # returns those inputs too, and the last ones are kept for `null_silent_fractions`.
+        self._null_layers = {
+            index: null_units_layer(site.kernel_layer, units=PROBE_NULL_UNITS)
+            for index, site in enumerate(self.sites)
+            if site.activation in DEAD_PRONE
+            and site.kernel_input is not None
+            and not site.normalized
+        }
+        self._null_layers = {i: n for i, n in self._null_layers.items() if n is not None}
         self._reader = (
-            LayerReader(model, [site.output for site in self.sites])
+            LayerReader(
+                model,
+                [site.output for site in self.sites]
+                + [self.sites[i].kernel_input for i in self._null_layers],
+            )
             if self.sites
             else None
         )
         self._previous = [[self._read(v) for v in group] for group in self._groups]
-        self._model = model
         self._x = None if x is None else keras.tree.map_structure(tf.convert_to_tensor, x)
-        self._null = None
+        self._kernel_inputs: dict[int, tf.Tensor] = {}
+        self._calls = 0
+        self._null_cache: dict[int, tuple[bytes, float]] = {}
 
     @staticmethod
     def _read(variable: Any) -> np.ndarray:
@@ -74,9 +91,10 @@ class UnitProbe:
     def __call__(self) -> tuple[list[tf.Tensor], np.ndarray, np.ndarray]:
         """Runs the probe.
 
-        It runs eagerly: a probe every few dozen steps costs a few milliseconds this
-        way, where compiling it would cost more than all the probes of a short run.
-        The weights are compared on the host, in one read per variable.
+        The forward pass runs eagerly for the first probes (compiling it costs as
+        much as a dozen eager passes, more than all the probes of a short run), and
+        compiled from then on. The weights are compared on the host, in one read per
+        variable.
 
         Returns:
             The activation statistics per site (tensors, read at `decode`), and the
@@ -84,7 +102,11 @@ class UnitProbe:
         """
         parts = []
         if self._reader is not None:
+            self._calls += 1
+            if self._calls == EAGER_PROBES + 1:
+                self._reader = tf.function(self._reader)
             outputs, _ = self._reader(self._x, training=False)
+            self._kernel_inputs = dict(zip(self._null_layers, outputs[len(self.sites) :]))
             for site, output in zip(self.sites, outputs):
                 flat = tf.cast(tf.reshape(output, [-1, output.shape[-1]]), tf.float32)
                 if site.activation in DEAD_PRONE:
@@ -112,43 +134,31 @@ class UnitProbe:
             for site in self.sites
         ]
 
-    def null_silent_fractions(self) -> list[float]:
-        """Per site, the fraction of null-model units silent on the probe inputs.
+    def null_silent_fractions(self, dead: Sequence[np.ndarray | None]) -> list[float]:
+        """Per site, the fraction of null-model units silent on the last probe's inputs.
 
         Fresh zero-bias random units reading each ReLU site's kernel input (see
-        `kgrad.diagnosis.dead_units`): what the geometry of the current inputs
-        explains. 0 after a normalization layer (it centres every unit); NaN where
-        unknown (sigmoid/tanh sites, no kernel layer). Computed eagerly; call it only
-        when some units are candidates.
+        `kgrad.diagnosis.dead_units`): what the geometry of the inputs explains. 0
+        after a normalization layer (it centres every unit); NaN where unknown
+        (sigmoid/tanh sites, no kernel layer). Computed only for sites with dead
+        units, and again only when their set of dead units changes.
+
+        Args:
+            dead: Per site, the boolean mask of dead units, or `None`.
         """
-        if self._null is None:
-            candidates = [
-                index
-                for index, site in enumerate(self.sites)
-                if site.activation in DEAD_PRONE
-                and site.kernel_input is not None
-                and not site.normalized
-            ]
-            layers = {
-                i: null_units_layer(self.sites[i].kernel_layer, units=PROBE_NULL_UNITS)
-                for i in candidates
-            }
-            layers = {i: layer for i, layer in layers.items() if layer is not None}
-            reader = (
-                LayerReader(self._model, [self.sites[i].kernel_input for i in layers])
-                if layers
-                else None
-            )
-            self._null = (reader, layers)
-        reader, layers = self._null
         fractions = [
             0.0 if site.normalized and site.activation in DEAD_PRONE else float("nan")
             for site in self.sites
         ]
-        if reader is not None:
-            inputs, _ = reader(self._x, training=False)
-            for (index, layer), kernel_input in zip(layers.items(), inputs):
-                fractions[index] = float(np.mean(~null_active_units(layer, kernel_input)))
+        for index, layer in self._null_layers.items():
+            mask = dead[index]
+            if mask is None or not mask.any() or index not in self._kernel_inputs:
+                continue
+            key = np.packbits(mask).tobytes()
+            if self._null_cache.get(index, (None,))[0] != key:
+                silent = ~null_active_units(layer, self._kernel_inputs[index])
+                self._null_cache[index] = (key, float(np.mean(silent)))
+            fractions[index] = self._null_cache[index][1]
         return fractions
 
     def dead_bias_means(self, dead: Sequence[np.ndarray | None]) -> list[float]:
