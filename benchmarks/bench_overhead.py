@@ -85,6 +85,12 @@ CONFIGS: dict[str, Config] = {
     "plain": (lambda x, y: [], {}),
     "logger": (lambda x, y: [kgrad.GradientNormLogger()], {}),
     "naive": (lambda x, y: [NaiveTapeLogger(x[:BATCH], y[:BATCH])], {}),
+    "monitor": (
+        lambda x, y: [
+            kgrad.GradientHealthMonitor(probe_data=x[:256], probe_every_n_steps=50, verbose=0)
+        ],
+        {},
+    ),
 }
 
 
