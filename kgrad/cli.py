@@ -37,7 +37,9 @@ def _out_dir(path: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
-        raise CliError(f"cannot create the output folder {path!r}: {error.strerror}") from None
+        raise CliError(
+            f"cannot create the output folder {path!r}: {error.strerror}"
+        ) from None
     return path
 
 
@@ -58,7 +60,9 @@ def add_diagnose_args(parser: argparse.ArgumentParser) -> None:
         "normal inputs of the model's input shape",
     )
     parser.add_argument(
-        "--out", default=DEFAULT_OUT, help=f"folder for the plots (default: {DEFAULT_OUT})"
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"folder for the plots (default: {DEFAULT_OUT})",
     )
     parser.add_argument(
         "--samples",
@@ -78,7 +82,7 @@ def load_model(path: str) -> Any:
     if os.path.isdir(path) or not path.endswith((".keras", ".h5", ".hdf5")):
         raise CliError(
             f"{path} is not a saved Keras model: give a `.keras` file "
-            "(`model.save(\"model.keras\")`)"
+            '(`model.save("model.keras")`)'
         )
     try:
         return keras.saving.load_model(path)
@@ -124,7 +128,8 @@ def random_inputs(model: Any, samples: int, seed: int) -> Any:
         inputs = None
     if not inputs:
         raise CliError(
-            "the model has no declared input shape (subclassed); give inputs with --data"
+            "the model has no declared input shape (subclassed); give inputs "
+            "with --data"
         )
     rng = np.random.default_rng(seed)
     arrays = []
@@ -133,7 +138,8 @@ def random_inputs(model: Any, samples: int, seed: int) -> Any:
         if any(size is None for size in shape) or "int" in str(tensor.dtype):
             raise CliError(
                 f"cannot draw random inputs for input {tensor.name!r} of shape "
-                f"{tuple(tensor.shape)} and dtype {tensor.dtype}; give inputs with --data"
+                f"{tuple(tensor.shape)} and dtype {tensor.dtype}; give inputs with "
+                "--data"
             )
         arrays.append(rng.standard_normal((samples, *shape)).astype(str(tensor.dtype)))
     return arrays[0] if len(arrays) == 1 else arrays
@@ -148,8 +154,11 @@ def run_diagnose(args: argparse.Namespace) -> int:
     if args.data:
         x, y = load_data(args.data)
         if y is not None and not getattr(model, "compiled", False):
-            print("kgrad diagnose: the model has no compiled loss; `y` is ignored "
-                  "(a random Gaussian signal is backpropagated).", file=sys.stderr)
+            print(
+                "kgrad diagnose: the model has no compiled loss; `y` is ignored "
+                "(a random Gaussian signal is backpropagated).",
+                file=sys.stderr,
+            )
             y = None
     else:
         x, y = random_inputs(model, args.samples, args.seed), None
@@ -161,7 +170,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
     print(report)
     name = os.path.splitext(os.path.basename(args.model))[0]
     paths = [
-        _save(plot_gradient_profile({name: report.layers}), out, "gradient_profile.png"),
+        _save(
+            plot_gradient_profile({name: report.layers}), out, "gradient_profile.png"
+        ),
         _save(plot_unit_health(report.layers), out, "unit_health.png"),
     ]
     print("\nWrote " + ", ".join(paths))
@@ -174,7 +185,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
 def add_report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log", help="a CSV written by GradientNormLogger(csv_path=...)")
     parser.add_argument(
-        "--out", default=DEFAULT_OUT, help=f"folder for the plots (default: {DEFAULT_OUT})"
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"folder for the plots (default: {DEFAULT_OUT})",
     )
 
 
@@ -187,7 +200,9 @@ def load_log(path: str) -> Any:
     try:
         frame = pd.read_csv(path)
     except Exception as error:
-        raise CliError(f"could not read {path} as a CSV: {type(error).__name__}: {error}") from None
+        raise CliError(
+            f"could not read {path} as a CSV: {type(error).__name__}: {error}"
+        ) from None
     missing = [c for c in ("step", "layer", "variable", "grad_norm") if c not in frame]
     if missing or frame.empty:
         raise CliError(

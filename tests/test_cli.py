@@ -35,7 +35,9 @@ def _run(argv, capsys):
 
 def test_diagnose_prints_the_report_and_writes_the_plots(saved_model, tmp_path, capsys):
     out_dir = tmp_path / "plots"
-    code, out, err = _run(["diagnose", saved_model, "--out", out_dir, "--samples", 256], capsys)
+    code, out, err = _run(
+        ["diagnose", saved_model, "--out", out_dir, "--samples", 256], capsys
+    )
     assert code == 0, err
     assert "256 probe examples" in out and "random Gaussian cotangent" in out
     assert "[critical] vanishing" in out  # 10 sigmoid layers: ~0.236 per layer
@@ -47,7 +49,9 @@ def test_diagnose_with_data_uses_the_compiled_loss(saved_model, tmp_path, capsys
     rng = np.random.default_rng(0)
     data = tmp_path / "probe.npz"
     np.savez(data, x=rng.standard_normal((300, 8)), y=rng.standard_normal((300, 1)))
-    code, out, err = _run(["diagnose", saved_model, "--data", data, "--out", tmp_path], capsys)
+    code, out, err = _run(
+        ["diagnose", saved_model, "--data", data, "--out", tmp_path], capsys
+    )
     assert code == 0, err
     assert "300 probe examples" in out and "loss on y" in out
 
@@ -74,13 +78,18 @@ def test_report_draws_a_logger_csv(tmp_path, capsys):
         (["diagnose", "{tmp}/broken.keras"], "could not load the model"),
         (["diagnose", "{tmp}/notes.txt"], "is not a saved Keras model"),
         (["diagnose", "{model}", "--data", "{tmp}/no_x.npz"], "has no array named `x`"),
-        (["diagnose", "{model}", "--data", "{tmp}/wrong.npz"], "`x` does not fit model"),
+        (
+            ["diagnose", "{model}", "--data", "{tmp}/wrong.npz"],
+            "`x` does not fit model",
+        ),
         (["diagnose", "{model}", "--data", "{tmp}/notes.txt"], "could not read"),
         (["report", "{tmp}/missing.csv"], "log file not found"),
         (["report", "{tmp}/other.csv"], "is not a GradientNormLogger CSV"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_status_2(argv, message, saved_model, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_status_2(
+    argv, message, saved_model, tmp_path, capsys
+):
     (tmp_path / "broken.keras").write_text("not a zip")
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
@@ -108,15 +117,26 @@ def test_a_new_subcommand_is_one_table_entry(monkeypatch, capsys):
         print(f"hello {args.name}")
         return 0
 
-    monkeypatch.setitem(cli.SUBCOMMANDS, "hello", cli.Subcommand("say hello", add_args, run))
+    monkeypatch.setitem(
+        cli.SUBCOMMANDS, "hello", cli.Subcommand("say hello", add_args, run)
+    )
     assert cli.main(["hello", "--name", "kgrad"]) == 0
     assert capsys.readouterr().out == "hello kgrad\n"
 
 
 def test_python_dash_m_kgrad(saved_model, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "kgrad", "diagnose", saved_model, "--out", str(tmp_path),
-         "--samples", "64"],
+        [
+            sys.executable,
+            "-m",
+            "kgrad",
+            "diagnose",
+            saved_model,
+            "--out",
+            str(tmp_path),
+            "--samples",
+            "64",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

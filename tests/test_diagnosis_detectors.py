@@ -12,7 +12,7 @@ from kgrad.diagnosis.dead_units import (
     silence_bound,
 )
 from kgrad.diagnosis.exploding import detect_exploding, detect_spikes, spike_ratios
-from kgrad.diagnosis.findings import Finding, layer_span
+from kgrad.diagnosis.findings import Finding, FindingLog, layer_span
 from kgrad.diagnosis.fixes import NetworkContext, fixes_for
 from kgrad.diagnosis.non_finite import detect_non_finite
 from kgrad.diagnosis.profile import choose_signal, frame_profile
@@ -172,14 +172,20 @@ def test_dead_units_need_enough_examples():
 def test_derivative_from_outputs_matches_the_guides():
     sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     assert derivative_from_outputs(sigmoid(0.0), "sigmoid") == pytest.approx(0.25)
-    assert derivative_from_outputs(sigmoid(5.0), "sigmoid") == pytest.approx(0.0066481, rel=1e-4)
-    assert derivative_from_outputs(np.tanh(3.0), "tanh") == pytest.approx(0.00987, rel=1e-3)
+    assert derivative_from_outputs(sigmoid(5.0), "sigmoid") == pytest.approx(
+        0.0066481, rel=1e-4
+    )
+    assert derivative_from_outputs(np.tanh(3.0), "tanh") == pytest.approx(
+        0.00987, rel=1e-3
+    )
     # The 0.01 thresholds sit at |x| = 4.585 (sigmoid) and 2.993 (tanh).
     for x, name, function in (
         (SIGMOID_SATURATION_INPUT, "sigmoid", sigmoid),
         (TANH_SATURATION_INPUT, "tanh", np.tanh),
     ):
-        assert derivative_from_outputs(function(x), name) == pytest.approx(0.01, abs=2e-5)
+        assert derivative_from_outputs(function(x), name) == pytest.approx(
+            0.01, abs=2e-5
+        )
     with pytest.raises(ValueError, match="activation.*relu"):
         derivative_from_outputs(np.zeros(2), "relu")
 
@@ -188,7 +194,11 @@ def test_saturated_count_and_detector():
     x = np.array([-6.0, -3.0, 0.0, 3.5, 5.0])
     assert saturated_count(np.tanh(x), "tanh") == (4, 5)  # |x| > 2.993
     table = pd.DataFrame(
-        {"layer": ["a", "b"], "activation": ["tanh", "sigmoid"], "saturated_fraction": [0.6, 0.1]}
+        {
+            "layer": ["a", "b"],
+            "activation": ["tanh", "sigmoid"],
+            "saturated_fraction": [0.6, 0.1],
+        }
     )
     finding = detect_saturation(table)
     assert finding.layers == ["a"] and finding.severity == "critical"
@@ -199,7 +209,9 @@ def test_saturated_count_and_detector():
 
 
 def test_update_ratios_and_stalled_layers():
-    ratios = update_ratios({"a": 1e-5, "b": 0.02, "c": 0.03}, {"a": 1.0, "b": 2.0, "c": 3.0}, 10)
+    ratios = update_ratios(
+        {"a": 1e-5, "b": 0.02, "c": 0.03}, {"a": 1.0, "b": 2.0, "c": 3.0}, 10
+    )
     assert ratios == pytest.approx({"a": 1e-6, "b": 1e-3, "c": 1e-3})
     finding = detect_stalled(ratios)
     assert finding.layers == ["a"]
@@ -250,12 +262,37 @@ def test_exploding_fix_quotes_the_weight_scale_and_spikes_skip_init_advice():
 
 
 def test_fixes_reject_unknown_kind():
-    with pytest.raises(ValueError, match="`kind` must be one of .*Received: kind='slow'"):
+    with pytest.raises(
+        ValueError, match="`kind` must be one of .*Received: kind='slow'"
+    ):
         fixes_for("slow", [])
 
 
+def test_finding_log_keeps_everything_and_tells_news():
+    log = FindingLog()
+    news = [
+        log.add(
+            Finding("vanishing", "critical", ["a", "b"], {"signal": "depth_decay"}, [])
+        ),
+        log.add(
+            Finding(
+                "vanishing", "critical", ["a", "b", "c"], {"signal": "depth_decay"}, []
+            )
+        ),
+        log.add(Finding("dead_units", "warning", ["d1"], {}, [])),
+        log.add(Finding("dead_units", "warning", ["d1"], {}, [])),
+        log.add(Finding("dead_units", "warning", ["d1", "d2"], {}, [])),  # d2 is new
+        log.add(Finding("exploding", "warning", [], {"signal": "norm_spike"}, [])),
+        log.add(Finding("exploding", "warning", ["a"], {"signal": "depth_growth"}, [])),
+    ]
+    assert news == [True, False, True, False, True, True, True]
+    assert len(log.findings) == 7
+
+
 def test_finding_key_summary_and_dict():
-    finding = Finding("dead_units", "warning", ["d1"], {"dead_units": {"d1": 3}}, [], 7, "m")
+    finding = Finding(
+        "dead_units", "warning", ["d1"], {"dead_units": {"d1": 3}}, [], 7, "m"
+    )
     assert finding.key == ("dead_units", ("d1",))
     assert finding.summary() == "[warning] dead_units at step 7: m"
     assert finding.to_dict()["evidence"] == {"dead_units": {"d1": 3}}
@@ -267,10 +304,21 @@ def test_finding_key_summary_and_dict():
 
 
 def test_profile_prefers_activation_then_bias_then_kernel_with_normalization():
-    assert choose_signal(has_activation=True, all_biased=True, normalized=True) == "activation"
-    assert choose_signal(has_activation=False, all_biased=True, normalized=False) == "bias"
-    assert choose_signal(has_activation=False, all_biased=True, normalized=True) == "kernel"
-    assert choose_signal(has_activation=False, all_biased=False, normalized=False) == "total"
+    assert (
+        choose_signal(has_activation=True, all_biased=True, normalized=True)
+        == "activation"
+    )
+    assert (
+        choose_signal(has_activation=False, all_biased=True, normalized=False) == "bias"
+    )
+    assert (
+        choose_signal(has_activation=False, all_biased=True, normalized=True)
+        == "kernel"
+    )
+    assert (
+        choose_signal(has_activation=False, all_biased=False, normalized=False)
+        == "total"
+    )
     frame = pd.DataFrame(
         {
             "layer": ["d0", "bn", "d1"],
@@ -292,11 +340,23 @@ def test_unit_health_counts_dead_after_probes_in_a_row():
     health = UnitHealth(
         [SiteInfo("d", "d", "relu", 3), SiteInfo("s", "s", "sigmoid", 2)], ["d", "s"], 2
     )
-    for step, active, saturated in ((0, [1, 0, 0], 0.1), (10, [1, 0, 1], 0.2), (20, [1, 0, 0], 0.3)):
+    for step, active, saturated in (
+        (0, [1, 0, 0], 0.1),
+        (10, [1, 0, 1], 0.2),
+        (20, [1, 0, 0], 0.3),
+    ):
         ratios = health.add(
-            step, [np.array(active, bool), None], [None, saturated], [0.2, 0.4], [2.0, 4.0]
+            step,
+            [np.array(active, bool), None],
+            [None, saturated],
+            [0.2, 0.4],
+            [2.0, 4.0],
         )
     assert ratios == pytest.approx({"d": 0.01, "s": 0.01})  # 0.2 / 2.0 / 10 steps
+    assert health.close_interval() and not health.close_interval()
+    assert health.update_ratios["d"] == pytest.approx(
+        np.median([0.2 / 2.0, 0.01, 0.01])
+    )
     table = health.table()
     assert table.dead_units.tolist()[0] == 1  # unit 1 silent 3x; unit 2 fired at 10
     assert table.saturated_fraction.tolist()[1] == pytest.approx(0.3)

@@ -19,7 +19,9 @@ def _relu_net_with_dead_units(dead=12, width=64):
     return keras.Sequential(
         [
             keras.Input((16,)),
-            keras.layers.Dense(width, activation="relu", kernel_initializer="he_normal", name="d0"),
+            keras.layers.Dense(
+                width, activation="relu", kernel_initializer="he_normal", name="d0"
+            ),
             keras.layers.Dense(
                 width,
                 activation="relu",
@@ -27,7 +29,9 @@ def _relu_net_with_dead_units(dead=12, width=64):
                 bias_initializer=keras.initializers.Constant(bias),
                 name="d1",
             ),
-            keras.layers.Dense(width, activation="relu", kernel_initializer="he_normal", name="d2"),
+            keras.layers.Dense(
+                width, activation="relu", kernel_initializer="he_normal", name="d2"
+            ),
             keras.layers.Dense(1, name="out"),
         ]
     )
@@ -98,8 +102,11 @@ def test_non_finite_forward_pass_names_the_first_layer():
 def test_loss_gradients_equal_a_full_batch_gradient_tape():
     keras.utils.set_random_seed(1)
     model = keras.Sequential(
-        [keras.Input((16,)), keras.layers.Dense(8, activation="tanh", name="a"),
-         keras.layers.Dense(1, name="b")]
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(8, activation="tanh", name="a"),
+            keras.layers.Dense(1, name="b"),
+        ]
     )
     model.compile(optimizer="sgd", loss="mse")
     x, y = _x(100), _x(100, 1, seed=3)
@@ -110,20 +117,35 @@ def test_loss_gradients_equal_a_full_batch_gradient_tape():
     by_layer = report.layers.set_index("layer")
     for layer in ("a", "b"):
         kernel, bias = [
-            g for v, g in zip(model.trainable_variables, grads) if v.path.split("/")[-2] == layer
+            g
+            for v, g in zip(model.trainable_variables, grads)
+            if v.path.split("/")[-2] == layer
         ]
-        assert by_layer.loc[layer, "kernel_grad_norm"] == pytest.approx(float(tf.norm(kernel)), rel=1e-5)
-        assert by_layer.loc[layer, "bias_grad_norm"] == pytest.approx(float(tf.norm(bias)), rel=1e-5)
+        assert by_layer.loc[layer, "kernel_grad_norm"] == pytest.approx(
+            float(tf.norm(kernel)), rel=1e-5
+        )
+        assert by_layer.loc[layer, "bias_grad_norm"] == pytest.approx(
+            float(tf.norm(bias)), rel=1e-5
+        )
     given = kgrad.diagnose(model, x, y, loss="mse", batch_size=32, training=False)
-    assert given.layers["grad_norm"].tolist() == pytest.approx(report.layers["grad_norm"].tolist())
+    assert given.layers["grad_norm"].tolist() == pytest.approx(
+        report.layers["grad_norm"].tolist()
+    )
 
 
 def test_training_pass_leaves_batch_norm_statistics_untouched():
     model = keras.Sequential(
-        [keras.Input((16,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
-         keras.layers.Activation("relu"), keras.layers.Dense(1)]
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+            keras.layers.Dense(1),
+        ]
     )
-    before = [keras.ops.convert_to_numpy(v).copy() for v in model.non_trainable_variables]
+    before = [
+        keras.ops.convert_to_numpy(v).copy() for v in model.non_trainable_variables
+    ]
     kgrad.diagnose(model, _x(128) + 3.0)
     after = [keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables]
     for old, new in zip(before, after):
@@ -132,7 +154,8 @@ def test_training_pass_leaves_batch_norm_statistics_untouched():
 
 def test_a_model_loaded_from_disk_reads_its_own_graph(tmp_path):
     model = keras.Sequential(
-        [keras.Input((16,))] + [keras.layers.Dense(16, activation="sigmoid") for _ in range(6)]
+        [keras.Input((16,))]
+        + [keras.layers.Dense(16, activation="sigmoid") for _ in range(6)]
     )
     path = tmp_path / "m.keras"
     model.save(path)
@@ -159,7 +182,8 @@ def test_subclassed_model_keeps_gradient_statistics_and_says_what_is_missing():
     model(_x(2))
     report = kgrad.diagnose(model, _x())
     assert any(
-        "subclassed" in note and "dead-unit and saturation statistics" in note
+        "subclassed" in note
+        and "dead-unit and saturation statistics" in note
         and "Gradient statistics" in note
         for note in report.notes
     )
@@ -175,7 +199,12 @@ def test_subclassed_model_keeps_gradient_statistics_and_says_what_is_missing():
     "x, y, kwargs, message",
     [
         (np.zeros((0, 16), "float32"), None, {}, "`x` is empty"),
-        (_x(8, 5), None, {}, r"`x` does not fit model .*expects inputs of shape \[\(None, 16\)\]"),
+        (
+            _x(8, 5),
+            None,
+            {},
+            r"`x` does not fit model .*expects inputs of shape \[\(None, 16\)\]",
+        ),
         (_x(8), _x(7, 1), {}, "`x` and `y` must hold the same number of examples"),
         (_x(8), None, {"batch_size": 0}, "`batch_size` must be a positive integer"),
         (_x(8), _x(8, 1), {}, "has no loss"),
@@ -201,3 +230,21 @@ def test_report_text_dict_and_plot():
     assert len(as_dict["layers"]) == 4
     figure = report.plot()
     assert len(figure.axes) == 2  # profile and unit health
+
+
+def test_mixed_precision_gradients_do_not_underflow():
+    def sigmoid_net():
+        layers = [keras.Input((16,))]
+        layers += [keras.layers.Dense(64, activation="sigmoid") for _ in range(14)]
+        return keras.Sequential(layers + [keras.layers.Dense(1, dtype="float32")])
+
+    full = sigmoid_net()
+    expected = kgrad.diagnose(full, _x())
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    half = sigmoid_net()
+    half.set_weights(full.get_weights())
+    # 0.24**14 ≈ 2e-9 is far below float16's smallest step (6e-8): without a loss
+    # scale the first layers' gradients would be exactly zero.
+    report = kgrad.diagnose(half, _x())
+    assert report.kinds == expected.kinds == {"vanishing"}
+    assert report.decay == pytest.approx(expected.decay, rel=0.05)

@@ -53,7 +53,9 @@ def mlp(activation, initializer, depth=DEPTH, batch_norm=False, bias=None):
             ]
         else:
             layers.append(
-                keras.layers.Dense(WIDTH, activation=activation, kernel_initializer=initializer)
+                keras.layers.Dense(
+                    WIDTH, activation=activation, kernel_initializer=initializer
+                )
             )
     return keras.Sequential(layers)
 
@@ -63,7 +65,11 @@ def reports(activation, initializer, **kwargs):
     for seed in SEEDS:
         keras.utils.set_random_seed(seed)
         model = mlp(activation, initializer, **kwargs)
-        x = np.random.default_rng(seed).standard_normal((EXAMPLES, WIDTH)).astype("float32")
+        x = (
+            np.random.default_rng(seed)
+            .standard_normal((EXAMPLES, WIDTH))
+            .astype("float32")
+        )
         out.append(kgrad.diagnose(model, x, seed=seed))
     return out
 
@@ -152,7 +158,9 @@ def test_tanh_with_unit_normal_weights_explodes_and_saturates():
     for report in found:
         (exploding,) = report.by_kind("exploding")
         assert exploding.evidence["per_layer_ratio"] > 2.0
-        assert exploding.evidence["max_weight_scale"] == pytest.approx(sigma_w2, rel=0.05)
+        assert exploding.evidence["max_weight_scale"] == pytest.approx(
+            sigma_w2, rel=0.05
+        )
         assert "glorot_uniform" in exploding.fixes[0]
         (saturation,) = report.by_kind("saturation")
         deep = report.layers["saturated_fraction"].iloc[5:]

@@ -39,9 +39,14 @@ def _dead_net(dead=6, width=32):
         keras.Sequential(
             [
                 keras.Input((16,)),
-                keras.layers.Dense(width, activation="relu", kernel_initializer="he_normal", name="d0"),
                 keras.layers.Dense(
-                    width, activation="relu", kernel_initializer="he_normal", name="d1",
+                    width, activation="relu", kernel_initializer="he_normal", name="d0"
+                ),
+                keras.layers.Dense(
+                    width,
+                    activation="relu",
+                    kernel_initializer="he_normal",
+                    name="d1",
                     bias_initializer=keras.initializers.Constant(bias),
                 ),
                 keras.layers.Dense(1, name="out"),
@@ -96,7 +101,9 @@ def test_silent_units_of_a_healthy_deep_relu_net_are_not_dead():
         for _ in range(16)
     ]
     model = _compiled(keras.Sequential(layers + [keras.layers.Dense(1)]), 1e-4)
-    monitor = kgrad.GradientHealthMonitor(probe_data=x, probe_every_n_steps=1, verbose=0)
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=x, probe_every_n_steps=1, verbose=0
+    )
     model.fit(x, y, batch_size=64, epochs=1, callbacks=[monitor], verbose=0)
     assert monitor.unit_health.table()["dead_units"].sum() > 10  # silent for 4 probes
     assert not [f for f in monitor.findings if f.kind == "dead_units"]
@@ -105,7 +112,9 @@ def test_silent_units_of_a_healthy_deep_relu_net_are_not_dead():
 def test_vanishing_during_fit_is_found_and_announced_once(capsys):
     x, y = _data()
     monitor = kgrad.GradientHealthMonitor(verbose=1)
-    history = _sigmoid_net().fit(x, y, batch_size=32, epochs=3, callbacks=[monitor], verbose=0)
+    history = _sigmoid_net().fit(
+        x, y, batch_size=32, epochs=3, callbacks=[monitor], verbose=0
+    )
     vanishing = [f for f in monitor.findings if f.kind == "vanishing"]
     assert len(vanishing) == 3  # one per epoch end, each with its step
     assert [f.step for f in vanishing] == [7, 15, 23]
@@ -153,7 +162,14 @@ def test_first_non_finite_step_and_layer_during_fit():
     monitor = kgrad.GradientHealthMonitor(verbose=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.fit(x, y, batch_size=32, epochs=1, callbacks=[SilenceAtStep(), monitor], verbose=0)
+        model.fit(
+            x,
+            y,
+            batch_size=32,
+            epochs=1,
+            callbacks=[SilenceAtStep(), monitor],
+            verbose=0,
+        )
     (non_finite,) = [f for f in monitor.findings if f.kind == "non_finite"]
     assert non_finite.step == 3
     assert non_finite.evidence["origin_layer"] == "d1"
@@ -166,21 +182,38 @@ def test_update_ratio_is_the_sgd_step_over_the_weight_norm():
     x, y = _data()
     model = _sigmoid_net(depth=3)
     logger = kgrad.GradientNormLogger()
-    monitor = kgrad.GradientHealthMonitor(logger=logger, probe_every_n_steps=1, verbose=0)
-    model.fit(x, y, batch_size=32, epochs=1, callbacks=[logger, monitor, Synchronous()], verbose=0)
+    monitor = kgrad.GradientHealthMonitor(
+        logger=logger, probe_every_n_steps=1, verbose=0
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=1,
+        callbacks=[logger, monitor, Synchronous()],
+        verbose=0,
+    )
     records = logger.records
     for layer in records.layers:
         columns = [i for i, v in enumerate(records.variables) if v.layer == layer]
         grads = np.sqrt((records.grad_norms[:, columns].astype(float) ** 2).sum(axis=1))
-        weights = np.sqrt((records.weight_norms[:, columns].astype(float) ** 2).sum(axis=1))
+        weights = np.sqrt(
+            (records.weight_norms[:, columns].astype(float) ** 2).sum(axis=1)
+        )
         expected = np.median(0.01 * grads / weights)
-        assert monitor.unit_health.update_ratios[layer] == pytest.approx(expected, rel=0.02)
+        assert monitor.unit_health.update_ratios[layer] == pytest.approx(
+            expected, rel=0.02
+        )
 
 
-@pytest.mark.filterwarnings("ignore::kgrad.callbacks.gradient_health_monitor.GradientHealthWarning")
+@pytest.mark.filterwarnings(
+    "ignore::kgrad.callbacks.gradient_health_monitor.GradientHealthWarning"
+)
 def test_survives_deepcopy_before_and_after_fit():
     x, y = _data()
-    monitor = kgrad.GradientHealthMonitor(probe_data=x, probe_every_n_steps=2, verbose=0)
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=x, probe_every_n_steps=2, verbose=0
+    )
     fresh = copy.deepcopy(monitor)
     _dead_net().fit(x, y, batch_size=32, epochs=1, callbacks=[monitor], verbose=0)
     trained = copy.deepcopy(monitor)
@@ -205,7 +238,9 @@ def test_subclassed_model_warns_which_statistics_are_unavailable():
     model = _compiled(Net())
     model(x[:2])
     monitor = kgrad.GradientHealthMonitor(probe_data=x, verbose=0)
-    with pytest.warns(GradientHealthWarning, match="dead-unit and saturation statistics"):
+    with pytest.warns(
+        GradientHealthWarning, match="dead-unit and saturation statistics"
+    ):
         model.fit(x, y, batch_size=32, epochs=1, callbacks=[monitor], verbose=0)
     report = monitor.report()
     assert report.layers["grad_norm"].notna().all()  # gradients still recorded
@@ -230,11 +265,18 @@ def test_probe_data_that_does_not_fit_fails_before_training():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"probe_every_n_steps": 0}, "`probe_every_n_steps` must be a positive integer. Received: probe_every_n_steps=0"),
+        (
+            {"probe_every_n_steps": 0},
+            "`probe_every_n_steps` must be a positive integer. "
+            "Received: probe_every_n_steps=0",
+        ),
         ({"dead_after_probes": 1.5}, "`dead_after_probes` must be a positive integer"),
         ({"spike_factor": 1.0}, "`spike_factor` must be a number greater than 1"),
         ({"logger": "yes"}, "`logger` must be a `kgrad.GradientNormLogger`"),
-        ({"logger": kgrad.GradientNormLogger(), "every_n_steps": 5}, "set them on that logger"),
+        (
+            {"logger": kgrad.GradientNormLogger(), "every_n_steps": 5},
+            "set them on that logger",
+        ),
         ({"probe_data": np.zeros((0, 4))}, "`probe_data` is empty"),
     ],
 )

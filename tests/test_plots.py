@@ -36,8 +36,12 @@ def logger_frame():
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 4)).astype("float32"), rng.standard_normal((64, 1))
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(8, activation="sigmoid", name="a"),
-         keras.layers.Dense(8, activation="sigmoid", name="b"), keras.layers.Dense(1, name="c")]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="sigmoid", name="a"),
+            keras.layers.Dense(8, activation="sigmoid", name="b"),
+            keras.layers.Dense(1, name="c"),
+        ]
     )
     model.compile(optimizer="sgd", loss="mse")
     frames = []
@@ -58,9 +62,13 @@ def test_profile_overlays_models_on_a_log_axis():
         "relu (1x per layer)",
     ]
     # "auto" picks the activation gradients, the measurement that follows δ.
-    np.testing.assert_allclose(ax.lines[0].get_ydata(), frames["sigmoid"]["activation_grad_norm"])
+    np.testing.assert_allclose(
+        ax.lines[0].get_ydata(), frames["sigmoid"]["activation_grad_norm"]
+    )
     bias = plots.plot_gradient_profile(frames, kind="bias").axes[0]
-    np.testing.assert_allclose(bias.lines[0].get_ydata(), frames["sigmoid"]["bias_grad_norm"])
+    np.testing.assert_allclose(
+        bias.lines[0].get_ydata(), frames["sigmoid"]["bias_grad_norm"]
+    )
     assert "bias" in bias.get_ylabel()
 
 
@@ -68,8 +76,14 @@ def test_profile_of_a_logger_frame_draws_one_line_per_run(logger_frame):
     ax = plots.plot_gradient_profile(logger_frame).axes[0]
     assert len(ax.lines) == 2
     first_run = logger_frame[logger_frame.run == logger_frame.run.iloc[0]]
-    bias = first_run[first_run.kind == "bias"].groupby("layer", observed=True).grad_norm.median()
-    np.testing.assert_allclose(ax.lines[0].get_ydata(), bias[["a", "b", "c"]].to_numpy(), rtol=1e-6)
+    bias = (
+        first_run[first_run.kind == "bias"]
+        .groupby("layer", observed=True)
+        .grad_norm.median()
+    )
+    np.testing.assert_allclose(
+        ax.lines[0].get_ydata(), bias[["a", "b", "c"]].to_numpy(), rtol=1e-6
+    )
 
 
 def test_heatmap_is_layers_by_steps_of_the_last_run(logger_frame):
@@ -78,10 +92,15 @@ def test_heatmap_is_layers_by_steps_of_the_last_run(logger_frame):
     last = logger_frame[logger_frame.run == logger_frame.run.iloc[-1]]
     steps = sorted(last.step.unique())
     assert image.get_array().shape == (3, len(steps))  # layers x steps
-    bias = last[(last.kind == "bias") & (last.layer == "a")].sort_values("step").grad_norm
+    bias = (
+        last[(last.kind == "bias") & (last.layer == "a")].sort_values("step").grad_norm
+    )
     np.testing.assert_allclose(image.get_array()[0], bias.to_numpy(), rtol=1e-6)
     first = logger_frame.run.iloc[0]
-    assert first in plots.plot_gradient_heatmap(logger_frame, run=first).axes[0].get_title()
+    assert (
+        first
+        in plots.plot_gradient_heatmap(logger_frame, run=first).axes[0].get_title()
+    )
     with pytest.raises(ValueError, match="No run 'nope'"):
         plots.plot_gradient_heatmap(logger_frame, run="nope")
     with pytest.raises(ValueError, match="must be a GradientNormLogger frame"):
@@ -89,7 +108,9 @@ def test_heatmap_is_layers_by_steps_of_the_last_run(logger_frame):
 
 
 def test_unit_health_bars_hold_the_fractions():
-    frame = _layers_frame(1.0, n=3, dead=[0.0, 0.25, np.nan], saturated=[np.nan, np.nan, 0.5])
+    frame = _layers_frame(
+        1.0, n=3, dead=[0.0, 0.25, np.nan], saturated=[np.nan, np.nan, 0.5]
+    )
     ax = plots.plot_unit_health(frame).axes[0]
     heights = [patch.get_height() for patch in ax.patches]
     assert heights == [0.0, 0.25, 0.0, 0.0, 0.0, 0.5]  # dead bars, then saturated bars

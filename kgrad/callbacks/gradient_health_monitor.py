@@ -13,13 +13,17 @@ from kgrad.callbacks.base import KgradCallback, check_positive_int, check_traina
 from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
 from kgrad.capture.probe import check_probe_data
 from kgrad.capture.variables import track_variables
-from kgrad.diagnosis.activations import functional_reason, network_context
-from kgrad.diagnosis.dead_units import DEAD_AFTER_PROBES, detect_dead_units
+from kgrad.diagnosis.activations import network_context
+from kgrad.diagnosis.graph import functional_reason
+from kgrad.diagnosis.dead_units import DEAD_AFTER_PROBES
 from kgrad.diagnosis.exploding import SPIKE_FACTOR, SPIKE_WINDOW
-from kgrad.diagnosis.findings import Finding
-from kgrad.diagnosis.from_records import diagnose_records, gradient_findings
+from kgrad.diagnosis.findings import Finding, FindingLog
+from kgrad.diagnosis.from_records import (
+    diagnose_records,
+    gradient_findings,
+    unit_findings,
+)
 from kgrad.diagnosis.report import Report
-from kgrad.diagnosis.saturation import detect_saturation
 from kgrad.diagnosis.stalled import stalled_beyond_trend
 from kgrad.diagnosis.unit_health import UnitHealth
 from kgrad.diagnosis.unit_probe import UnitProbe
@@ -88,7 +92,7 @@ class GradientHealthMonitor(KgradCallback):
 
     Example:
 
-    >>> monitor = kgrad.GradientHealthMonitor(probe_data=x_train[:256])
+    >>> monitor = kgrad.GradientHealthMonitor(probe_data=x_train[:256])  # doctest: +SKIP
     >>> model.fit(x_train, y_train, epochs=5, callbacks=[monitor])  # doctest: +SKIP
     >>> print(monitor.report())  # doctest: +SKIP
     """
@@ -108,11 +112,19 @@ class GradientHealthMonitor(KgradCallback):
         verbose: int = 1,
     ):
         super().__init__()
-        self.probe_every_n_steps = check_positive_int(probe_every_n_steps, "probe_every_n_steps")
+        self.probe_every_n_steps = check_positive_int(
+            probe_every_n_steps, "probe_every_n_steps"
+        )
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
-        self.dead_after_probes = check_positive_int(dead_after_probes, "dead_after_probes")
+        self.dead_after_probes = check_positive_int(
+            dead_after_probes, "dead_after_probes"
+        )
         self.spike_window = check_positive_int(spike_window, "spike_window")
-        if isinstance(spike_factor, bool) or not isinstance(spike_factor, (int, float)) or not spike_factor > 1:
+        if (
+            isinstance(spike_factor, bool)
+            or not isinstance(spike_factor, (int, float))
+            or not spike_factor > 1
+        ):
             raise ValueError(
                 "`spike_factor` must be a number greater than 1 (a spike is that many "
                 f"times the rolling median). Received: spike_factor={spike_factor!r}"
@@ -132,11 +144,13 @@ class GradientHealthMonitor(KgradCallback):
         self.logger = logger
         self.layers = [layers] if isinstance(layers, str) else layers
         if probe_data is not None and len(probe_data) == 0:
-            raise ValueError("`probe_data` is empty: give a few hundred probe examples.")
+            raise ValueError(
+                "`probe_data` is empty: give a few hundred probe examples."
+            )
         self.probe_data = probe_data
         self.verbose = verbose
         self.async_safe = True  # the batch hook only counts steps and queues probes
-        self.findings: list[Finding] = []
+        self._log = FindingLog()
         self.unit_health: UnitHealth | None = None
         self._units = None
         self._records = None
@@ -148,6 +162,11 @@ class GradientHealthMonitor(KgradCallback):
         self._lock = threading.Lock()
 
     # -- public results ---------------------------------------------------------------
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding of the last `fit()`, in order, each with its step."""
+        return self._log.findings
 
     @property
     def records(self):
@@ -191,12 +210,18 @@ class GradientHealthMonitor(KgradCallback):
             if reason is not None:
                 self._notes.append(reason)
                 warnings.warn(
-                    f"GradientHealthMonitor: {reason}", GradientHealthWarning, stacklevel=2
+                    f"GradientHealthMonitor: {reason}",
+                    GradientHealthWarning,
+                    stacklevel=2,
                 )
                 x = None
         if self.logger is not None:
             logger = self.logger
-            if logger.model is not model or logger.records is None or len(logger.records):
+            if (
+                logger.model is not model
+                or logger.records is None
+                or len(logger.records)
+            ):
                 raise ValueError(
                     "The `logger` given to GradientHealthMonitor must also be in "
                     "`callbacks`, placed before the monitor: "
@@ -210,16 +235,17 @@ class GradientHealthMonitor(KgradCallback):
         self._context = network_context(model)
         self._probe = UnitProbe(model, track_variables(model, self.layers), x)
         self.unit_health = UnitHealth(
-            self._probe.site_infos, self._probe.layers, self.dead_after_probes
+            self._probe.site_infos,
+            self._probe.layers,
+            self.dead_after_probes,
+            first_step=int(model.optimizer.iterations.numpy()),
         )
         self._pending = []
         self._units = None
-        self._warned: dict[tuple[str, Any], set[str]] = {}
         self._rows_seen = 0
         self._last_bucket = -1
         self._summary = None
-        self._previous_probe_step = int(model.optimizer.iterations.numpy()) - 1
-        self.findings = []
+        self._log = FindingLog()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_first_step = int(self.model.optimizer.iterations.numpy())
@@ -246,9 +272,9 @@ class GradientHealthMonitor(KgradCallback):
             logs.update(
                 {
                     "health/decay": np.nan if summary is None else summary.decay,
-                    "health/first_to_last": np.nan
-                    if summary is None
-                    else summary.first_to_last,
+                    "health/first_to_last": (
+                        np.nan if summary is None else summary.first_to_last
+                    ),
                     "health/dead_fraction": units["dead_fraction"],
                     "health/saturated_fraction": units["saturated_fraction"],
                     "health/findings": float(len(new)),
@@ -289,66 +315,41 @@ class GradientHealthMonitor(KgradCallback):
                 spike_window=self.spike_window,
             )
             self._rows_seen = len(records)
-        probe_step = self._consume_probes()
-        if probe_step is not None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for step, result in sorted(pending, key=lambda item: item[0]):
+            self.unit_health.add(step, *self._probe.decode(result))
+        if self.unit_health.close_interval():
+            step = self.unit_health.last_step
             units = self.unit_health.table()
             dead_masks = self.unit_health.dead_masks()
             units["dead_bias_mean"] = self._probe.dead_bias_means(dead_masks)
             # What the correlation of the inputs explains (REFERENCES.md, trap 3).
-            units["null_silent_fraction"] = self._probe.null_silent_fractions(dead_masks)
+            units["null_silent_fraction"] = self._probe.null_silent_fractions(
+                dead_masks
+            )
             self._units = units
-            dead = units.dropna(subset=["dead_units"])
-            saturated = units.dropna(subset=["saturated_fraction"])
             criterion = f"{self.dead_after_probes} probes in a row"
-            findings += [
-                detect_dead_units(dead, context=self._context, step=probe_step, criterion=criterion)
-                if len(dead)
-                else None,
-                detect_saturation(saturated, context=self._context, step=probe_step)
-                if len(saturated)
-                else None,
-                stalled_beyond_trend(
-                    self.unit_health.update_ratios, findings, context=self._context, step=probe_step
-                ),
-            ]
-        findings = [finding for finding in findings if finding is not None]
+            findings += unit_findings(
+                units, self._context, step=step, criterion=criterion
+            )
+            stalled = stalled_beyond_trend(
+                self.unit_health.update_ratios,
+                findings,
+                context=self._context,
+                step=step,
+            )
+            findings += [stalled] if stalled is not None else []
         for finding in findings:
-            self.findings.append(finding)
-            self._announce(finding)
+            if self._log.add(finding):
+                self._announce(finding)
         return findings
 
-    def _consume_probes(self) -> int | None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        ratios: dict[str, list[float]] = {}
-        for step, result in sorted(pending, key=lambda item: item[0]):
-            active, saturated, deltas, weights = self._probe.decode(result)
-            per_layer = self.unit_health.add(
-                step, active, saturated, deltas, weights, self._previous_probe_step
-            )
-            self._previous_probe_step = step
-            for layer, value in per_layer.items():
-                ratios.setdefault(layer, []).append(value)
-        if not ratios:
-            return None
-        self.unit_health.update_ratios = {
-            layer: float(np.median(values)) for layer, values in ratios.items()
-        }
-        return self.unit_health.last_step
-
     def _announce(self, finding: Finding) -> None:
-        # A trend across depth (or a spike) is one story however its layers shift;
-        # dead, saturated, stalled or non-finite layers are news when a layer is new.
-        signal = finding.evidence.get("signal")
-        trend = finding.kind == "vanishing" or signal in ("depth_growth", "norm_spike")
-        group = (finding.kind, signal)
-        if group in self._warned and (trend or set(finding.layers) <= self._warned[group]):
-            return
-        self._warned.setdefault(group, set()).update(finding.layers)
         text = f"GradientHealthMonitor: {finding.summary()}"
         if finding.fixes:
             text += f"\n  Fix: {finding.fixes[0]}"
         if self.verbose:
             print(text)
         else:
-            warnings.warn(text, GradientHealthWarning, stacklevel=2)
+            warnings.warn(text, GradientHealthWarning, stacklevel=3)

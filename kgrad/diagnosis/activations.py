@@ -1,15 +1,14 @@
-"""Reading what each layer outputs, through a functional sub-model of the model.
+"""Which layers apply which activation, and what the fixes need to know of a network.
 
-Dead-unit and saturation statistics, activation gradients and the null model of dead
-units all need the tensors between layers. A Functional or Sequential model exposes them
-(the inputs and outputs of each layer's node in the graph); a subclassed model computes them inside `call`, out of
-reach, so those statistics are unavailable for it (its gradient statistics still work).
+An activation site is a layer whose output is a ReLU-family, sigmoid or tanh
+activation: fused into a kernel layer (`Dense(activation="relu")`) or a separate
+`Activation`/`ReLU` layer, traced back through normalization and dropout to the kernel
+layer it activates. Sites are found in the functional graph (`kgrad.diagnosis.graph`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -17,11 +16,10 @@ import numpy as np
 
 from kgrad.capture.variables import _ordered_layers, _walk
 from kgrad.diagnosis.fixes import DEAD_PRONE, SATURATING, NetworkContext
+from kgrad.diagnosis.graph import functional_reason, layer_input, layer_output
 
 # Layers a site looks through when it searches the kernel layer it belongs to.
 _PASS_THROUGH = ("Dropout", "GaussianNoise", "GaussianDropout", "SpatialDropout")
-# Fresh random units of the null model of dead units, per layer.
-NULL_UNITS = 512
 
 
 @dataclasses.dataclass
@@ -82,55 +80,6 @@ def has_kernel(layer: keras.Layer) -> bool:
     )
 
 
-def functional_reason(model: keras.Model) -> str | None:
-    """Why the layer outputs of `model` cannot be read, or `None` if they can."""
-    try:
-        inputs = model.inputs
-        outputs = model.outputs
-    except (AttributeError, ValueError):
-        inputs = outputs = None
-    if not inputs or not outputs:
-        return (
-            f"model {model.name!r} ({type(model).__name__}) is subclassed, with no "
-            "functional graph: its layer outputs exist only inside `call`, so dead-unit "
-            "and saturation statistics and activation gradients are unavailable. "
-            "Gradient statistics (per-layer gradient and weight norms, vanishing, "
-            "exploding, stalled) still work. Build the model with the functional API or "
-            "`keras.Sequential` to get the activation statistics."
-        )
-    return None
-
-
-def _node(model: keras.Model, layer: keras.Layer) -> Any:
-    """The node of `layer` that belongs to the graph of `model`.
-
-    A layer may have several nodes: a deserialized `Sequential` rebuilds its graph
-    once per added layer, and only the last graph connects to `model.outputs`.
-    """
-    graph = getattr(model, "_functional", None) or model
-    keys = getattr(graph, "_nodes", None)
-    nodes = list(getattr(layer, "_inbound_nodes", []))
-    if keys is None:
-        return nodes[-1] if nodes else None
-    # Functional graphs key their nodes by operation identity and node index.
-    matches = [n for i, n in enumerate(nodes) if f"{id(layer)}_ib-{i}" in keys]
-    return matches[0] if len(matches) == 1 else None
-
-
-def layer_output(model: keras.Model, layer: keras.Layer) -> Any:
-    """The symbolic output of `layer` in `model`'s graph (`None` if ambiguous)."""
-    node = _node(model, layer)
-    tensors = [] if node is None else list(node.output_tensors)
-    return tensors[0] if len(tensors) == 1 else None
-
-
-def layer_input(model: keras.Model, layer: keras.Layer) -> Any:
-    """The symbolic input of `layer` in `model`'s graph (`None` if several)."""
-    node = _node(model, layer)
-    tensors = [] if node is None else list(node.input_tensors)
-    return tensors[0] if len(tensors) == 1 else None
-
-
 def _inbound(model: keras.Model, layer: keras.Layer) -> keras.Layer | None:
     tensor = layer_input(model, layer)
     history = getattr(tensor, "_keras_history", None)
@@ -141,7 +90,13 @@ def _site(model: keras.Model, layer: keras.Layer, activation: str) -> Activation
     output = layer_output(model, layer)
     if has_kernel(layer):
         return ActivationSite(
-            layer, activation, layer.name, layer, False, output, layer_input(model, layer)
+            layer,
+            activation,
+            layer.name,
+            layer,
+            False,
+            output,
+            layer_input(model, layer),
         )
     normalized = False
     inbound = _inbound(model, layer)
@@ -149,14 +104,21 @@ def _site(model: keras.Model, layer: keras.Layer, activation: str) -> Activation
         kind = type(inbound).__name__
         if kind.endswith("Normalization") and inbound.trainable_variables:
             normalized = True
-        elif not (kind.startswith(_PASS_THROUGH) or activation_name(inbound) == "linear"):
+        elif not (
+            kind.startswith(_PASS_THROUGH) or activation_name(inbound) == "linear"
+        ):
             inbound = None
             break
         inbound = _inbound(model, inbound)
     if inbound is None or isinstance(inbound, keras.layers.InputLayer):
         return ActivationSite(layer, activation, None, None, normalized, output)
     return ActivationSite(
-        layer, activation, inbound.name, inbound, normalized, output,
+        layer,
+        activation,
+        inbound.name,
+        inbound,
+        normalized,
+        output,
         layer_input(model, inbound),
     )
 
@@ -191,8 +153,9 @@ def weight_scale(kernel: Any) -> float:
 
     Example:
 
-    >>> round(weight_scale(np.random.default_rng(0).normal(size=(400, 300))), 1)
-    400.0
+    >>> kernel = np.random.default_rng(0).normal(scale=0.05, size=(400, 300))
+    >>> round(weight_scale(kernel), 1)  # 400 * 0.05**2
+    1.0
     """
     kernel = np.asarray(kernel, dtype=np.float64)
     fan_in = int(np.prod(kernel.shape[:-1])) if kernel.ndim > 1 else 1
@@ -226,94 +189,12 @@ def network_context(model: keras.Model) -> NetworkContext:
             ).__name__
             kernel = getattr(layer, "kernel", None)
             if kernel is not None:
-                context.weight_scale[qualified] = weight_scale(keras.ops.convert_to_numpy(kernel))
+                context.weight_scale[qualified] = weight_scale(
+                    keras.ops.convert_to_numpy(kernel)
+                )
             if activation and activation != "linear":
                 context.activations[qualified] = activation
     for site in activation_sites(model, every=True):
         if site.owner is not None and site.owner not in context.activations:
             context.activations[site.owner] = site.activation
     return context
-
-
-def null_units_layer(
-    kernel_layer: keras.Layer, seed: int = 0, units: int = NULL_UNITS
-) -> keras.Layer | None:
-    """Fresh zero-bias units with N(0, 1) weights, wired like `kernel_layer`.
-
-    They read the same input as the kernel layer (same strides and padding for a
-    convolution); the fraction of them silent on the probe set is what the geometry of
-    that input explains (see `kgrad.diagnosis.dead_units`).
-
-    Args:
-        kernel_layer: A `Dense` or convolution layer.
-        seed: The seed of the random weights. Defaults to `0`.
-        units: How many random units. Defaults to `512`.
-
-    Returns:
-        An unbuilt layer with `units` units, or `None` when the layer's type has
-        neither `units` nor `filters`.
-    """
-    config = kernel_layer.get_config()
-    key = "units" if "units" in config else "filters" if "filters" in config else None
-    if key is None:
-        return None
-    config.pop("name", None)
-    config.update(
-        {
-            key: units,
-            "use_bias": False,
-            "activation": "linear",
-            "kernel_initializer": keras.initializers.RandomNormal(seed=seed),
-            "kernel_regularizer": None,
-            "kernel_constraint": None,
-        }
-    )
-    if "groups" in config:
-        config["groups"] = 1
-    return type(kernel_layer).from_config(config)
-
-
-def null_active_units(null_layer: keras.Layer, kernel_input: Any) -> np.ndarray:
-    """Which null-model units fire (output > 0) for at least one example or position.
-
-    Args:
-        null_layer: A layer from `null_units_layer`.
-        kernel_input: A batch of the kernel layer's input.
-
-    Returns:
-        A boolean array of shape `(NULL_UNITS,)`.
-    """
-    outputs = keras.ops.convert_to_numpy(null_layer(kernel_input))
-    return np.any(outputs.reshape(-1, outputs.shape[-1]) > 0, axis=0)
-
-
-class LayerReader:
-    """One forward pass that returns the tensors between layers and the predictions.
-
-    Args:
-        model: A Functional or Sequential model.
-        tensors: Symbolic tensors of `model` to return (layer outputs or inputs).
-
-    Example:
-
-    >>> reader = LayerReader(model, [layer_output(model, model.layers[0])])  # doctest: +SKIP
-    >>> (first_output,), y_pred = reader(x)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: keras.Model, tensors: Sequence[Any]):
-        inputs = model.inputs
-        outputs = keras.tree.flatten(model.outputs)
-        self._structure = model.outputs
-        self._count = len(tensors)
-        self._model = keras.Model(
-            inputs[0] if len(inputs) == 1 else inputs, list(tensors) + outputs
-        )
-
-    def __call__(self, x: Any, training: bool = False) -> tuple[list[Any], Any]:
-        results = self._model(x, training=training)
-        results = list(results) if isinstance(results, (list, tuple)) else [results]
-        y_pred = results[self._count :]
-        y_pred = keras.tree.pack_sequence_as(self._structure, y_pred)
-        if isinstance(y_pred, list) and len(y_pred) == 1:
-            y_pred = y_pred[0]
-        return results[: self._count], y_pred

@@ -62,12 +62,10 @@ def silence_bound(units: int, null_fraction: float) -> float:
     1.0
     """
     p = float(np.clip(null_fraction, 0.0, 1.0))
-    return units * p + 3.0 * np.sqrt(units * p * (1.0 - p)) + 1.0
+    return float(units * p + 3.0 * np.sqrt(units * p * (1.0 - p)) + 1.0)
 
 
-def consecutive_silence(
-    previous: np.ndarray | None, silent: np.ndarray
-) -> np.ndarray:
+def consecutive_silence(previous: np.ndarray | None, silent: np.ndarray) -> np.ndarray:
     """Counts, per unit, the probes in a row for which the unit was silent.
 
     Args:
@@ -156,9 +154,11 @@ def detect_dead_units(
     )
     return Finding(
         kind="dead_units",
-        severity="critical"
-        if max(fractions.values()) > CRITICAL_DEAD_FRACTION
-        else "warning",
+        severity=(
+            "critical"
+            if max(fractions.values()) > CRITICAL_DEAD_FRACTION
+            else "warning"
+        ),
         layers=layers,
         evidence=evidence,
         fixes=fixes_for("dead_units", layers, context, evidence),

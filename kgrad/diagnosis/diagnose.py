@@ -78,9 +78,9 @@ def _objective(
     if getattr(model, "loss", None) is None:
         raise ValueError(
             f"`y` was given but model {model.name!r} has no loss to compare it with. "
-            "Compile the model (`model.compile(loss=...)`) or pass `loss=`, for example "
-            "`diagnose(model, x, y, loss=\"mse\")`; or leave `y=None` to backpropagate a "
-            "random Gaussian signal."
+            "Compile the model (`model.compile(loss=...)`) or pass `loss=`, for "
+            'example `diagnose(model, x, y, loss="mse")`; or leave `y=None` to '
+            "backpropagate a random Gaussian signal."
         )
 
     def compiled_loss(y_pred: Any, start: int, stop: int) -> tf.Tensor:
@@ -114,8 +114,12 @@ def _layer_frame(measured: Measurements, context) -> tuple[pd.DataFrame, pd.Data
                 "grad_norm": combined(None),
                 "kernel_grad_norm": combined("kernel"),
                 "bias_grad_norm": combined("bias"),
-                "activation_grad_norm": measured.activation_grad_norms.get(layer, np.nan),
-                "weight_norm": float(stats.combine_norms(measured.weight_norms[picked])),
+                "activation_grad_norm": measured.activation_grad_norms.get(
+                    layer, np.nan
+                ),
+                "weight_norm": float(
+                    stats.combine_norms(measured.weight_norms[picked])
+                ),
                 "weight_scale": context.weight_scale.get(layer, np.nan),
                 "activation": context.activations.get(layer, ""),
             }
@@ -126,8 +130,14 @@ def _layer_frame(measured: Measurements, context) -> tuple[pd.DataFrame, pd.Data
     units = pd.DataFrame(
         measured.units,
         columns=[
-            "site", "layer", "activation", "units", "dead_units",
-            "null_silent_fraction", "dead_bias_mean", "saturated_fraction",
+            "site",
+            "layer",
+            "activation",
+            "units",
+            "dead_units",
+            "null_silent_fraction",
+            "dead_bias_mean",
+            "saturated_fraction",
         ],
     )
     units["examples"] = measured.examples
@@ -214,7 +224,13 @@ def diagnose(
     context = network_context(model)
     objective = _objective(model, y, loss, examples, seed)
     measured = measure(
-        model, x, examples, objective, batch_size=batch_size, training=training, seed=seed
+        model,
+        x,
+        examples,
+        objective,
+        batch_size=batch_size,
+        training=training,
+        seed=seed,
     )
     layers, units = _layer_frame(measured, context)
     profile, kind = frame_profile(layers, normalized=context.normalized)
@@ -249,7 +265,11 @@ def _findings(measured, layers, units, profile, kind, context) -> list[Finding]:
     findings: list[Finding] = []
     # A layer without any gradient has a NaN norm that is no sign of trouble.
     without_gradient = [
-        not any(measured.has_gradient[i] for i, item in enumerate(measured.tracked) if item.layer == layer)
+        not any(
+            measured.has_gradient[i]
+            for i, item in enumerate(measured.tracked)
+            if item.layer == layer
+        )
         for layer in layers["layer"]
     ]
     non_finite = detect_non_finite(
@@ -262,11 +282,15 @@ def _findings(measured, layers, units, profile, kind, context) -> list[Finding]:
         return [non_finite]
     names = profile["layer"].tolist()
     for detect in (detect_vanishing, detect_exploding):
-        finding = detect(profile["norm"].to_numpy(), names, source=kind, context=context)
+        finding = detect(
+            profile["norm"].to_numpy(), names, source=kind, context=context
+        )
         if finding is not None:
             findings.append(finding)
     dead = detect_dead_units(units.dropna(subset=["dead_units"]), context=context)
-    saturated = detect_saturation(units.dropna(subset=["saturated_fraction"]), context=context)
+    saturated = detect_saturation(
+        units.dropna(subset=["saturated_fraction"]), context=context
+    )
     stalled = stalled_beyond_trend(
         dict(zip(layers["layer"], layers["grad_to_weight"])),
         findings,

@@ -97,8 +97,9 @@ def detect_exploding(
         step=step,
         message=(
             f"the backpropagated signal grows {trend.per_layer_ratio:.3g}x per layer "
-            f"towards the input; the first layer receives {trend.first_to_last:.3g}x the "
-            f"last layer's ({layer_span(concerned)} above {cumulative_threshold:g}x)"
+            f"towards the input; the first layer receives "
+            f"{trend.first_to_last:.3g}x the last layer's ({layer_span(concerned)} "
+            f"above {cumulative_threshold:g}x)"
         ),
     )
 
@@ -120,7 +121,7 @@ def spike_ratios(
 
     Example:
 
-    >>> spike_ratios([1.0] * 10 + [30.0], window=10)[-1]
+    >>> spike_ratios([1.0] * 10 + [30.0], window=10)[-1].item()
     30.0
     """
     norms = np.asarray(global_norms, dtype=np.float64)

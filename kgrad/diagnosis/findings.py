@@ -1,4 +1,4 @@
-"""`Finding`: one diagnosed problem, with where it is, the numbers behind it and the fixes."""
+"""`Finding`: one diagnosed problem, where it is, the numbers behind it, the fixes."""
 
 from __future__ import annotations
 
@@ -62,3 +62,38 @@ def layer_span(layers: list[str]) -> str:
     if len(layers) <= 3:
         return ", ".join(layers)
     return f"{layers[0]} … {layers[-1]} ({len(layers)} layers)"
+
+
+class FindingLog:
+    """Every finding made during a run, with its step, and which ones are news.
+
+    A trend across depth (vanishing, growth) or a spike is one story however the layers
+    it names shift from one epoch to the next; dead, saturated, stalled or non-finite
+    layers are news when a layer not named before appears.
+
+    Example:
+
+    >>> log = FindingLog()
+    >>> log.add(Finding("dead_units", "warning", ["d1"], {}, [], step=4))
+    True
+    >>> log.add(Finding("dead_units", "warning", ["d1"], {}, [], step=9))
+    False
+    >>> len(log.findings)
+    2
+    """
+
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+        self._named: dict[tuple[str, Any], set[str]] = {}
+
+    def add(self, finding: Finding) -> bool:
+        """Keeps `finding`; returns whether it is news (to be announced)."""
+        self.findings.append(finding)
+        signal = finding.evidence.get("signal")
+        trend = finding.kind == "vanishing" or signal in ("depth_growth", "norm_spike")
+        group = (finding.kind, signal)
+        named = self._named.get(group)
+        if named is not None and (trend or set(finding.layers) <= named):
+            return False
+        self._named.setdefault(group, set()).update(finding.layers)
+        return True

@@ -49,7 +49,7 @@ class NetworkContext:
 
 # The texts, named so that tests and callers can refer to them.
 FIX_RELU_HE = (
-    "Initialize the ReLU layers with He init, `kernel_initializer=\"he_normal\"` "
+    'Initialize the ReLU layers with He init, `kernel_initializer="he_normal"` '
     "(Var[W] = 2/fan_in keeps the backpropagated signal constant; Glorot init loses "
     "1/√2 per ReLU layer)."
 )
@@ -60,7 +60,7 @@ FIX_REPLACE_SIGMOID = (
 )
 FIX_TANH_SCALE = (
     "Give the tanh layers Glorot or orthogonal initialization "
-    "(`kernel_initializer=\"glorot_uniform\"` or `\"orthogonal\"`), so that "
+    '(`kernel_initializer="glorot_uniform"` or `"orthogonal"`), so that '
     "σ_w² = fan_in·Var[W] ≈ 1 and tanh′(0) = 1 passes the signal at gain ≈ 1."
 )
 FIX_BATCH_NORM = (
@@ -72,8 +72,9 @@ FIX_RESIDUAL = (
     "has a path of gain 1 through the depth (He et al. 2016)."
 )
 FIX_CLIP = (
-    "Clip the gradients: `kgrad.GradientClipping(mode=\"global_norm\", "
-    "threshold=1.0)` or the optimizer's own `global_clipnorm=1.0` (Pascanu et al. 2013)."
+    'Clip the gradients: `kgrad.GradientClipping(mode="global_norm", '
+    "threshold=1.0)` or the optimizer's own `global_clipnorm=1.0` "
+    "(Pascanu et al. 2013)."
 )
 FIX_LOWER_LR = "Lower the learning rate (by 3-10x)."
 FIX_WARMUP = (
@@ -85,7 +86,7 @@ FIX_LEAKY = (
     "pushed below zero can recover."
 )
 FIX_ZERO_BIAS = (
-    "Start the biases at zero (`bias_initializer=\"zeros\"`) and look for what drives "
+    'Start the biases at zero (`bias_initializer="zeros"`) and look for what drives '
     "them negative: the dead units have negative biases."
 )
 FIX_STANDARDIZE_INPUTS = (
@@ -114,7 +115,9 @@ FIX_ADAPTIVE_OPTIMIZER = (
 
 
 def _scale_text(layers: Sequence[str], context: NetworkContext) -> str:
-    scales = [context.weight_scale[name] for name in layers if name in context.weight_scale]
+    scales = [
+        context.weight_scale[name] for name in layers if name in context.weight_scale
+    ]
     if not scales:
         return ""
     return f" (here σ_w² = fan_in·Var[W] is up to {max(scales):.3g})"

@@ -65,14 +65,23 @@ def layer_table(records: GradientRecords, rows: slice = slice(None)) -> pd.DataF
             norms = records.layer_norms(kind)[1][rows]
             table[column] = np.nanmedian(norms, axis=0) if len(norms) else np.nan
         table["weight_norm"] = [
-            np.nanmedian(
-                stats.combine_norms(
-                    weights[:, [i for i, v in enumerate(records.variables) if v.layer == name]],
-                    axis=1,
+            (
+                np.nanmedian(
+                    stats.combine_norms(
+                        weights[
+                            :,
+                            [
+                                i
+                                for i, v in enumerate(records.variables)
+                                if v.layer == name
+                            ],
+                        ],
+                        axis=1,
+                    )
                 )
+                if len(weights)
+                else np.nan
             )
-            if len(weights)
-            else np.nan
             for name in records.layers
         ]
         frame = pd.DataFrame(table)
@@ -135,12 +144,21 @@ def gradient_findings(
     finite_rows = np.isfinite(profiles).all(axis=1)
     decay, first_to_last = median_profile_ratios(profiles[finite_rows])
     with _all_nan_is_fine():
-        median = np.nanmedian(profiles[finite_rows], axis=0) if finite_rows.any() else np.full(len(layers), np.nan)
+        median = (
+            np.nanmedian(profiles[finite_rows], axis=0)
+            if finite_rows.any()
+            else np.full(len(layers), np.nan)
+        )
     last_step = int(steps[-1]) if len(steps) else None
     for detect in (detect_vanishing, detect_exploding):
         finding = detect(
-            median, layers, source=kind, context=context,
-            per_layer_ratio=decay, first_to_last=first_to_last, step=last_step,
+            median,
+            layers,
+            source=kind,
+            context=context,
+            per_layer_ratio=decay,
+            first_to_last=first_to_last,
+            step=last_step,
         )
         if finding is not None:
             findings.append(finding)
@@ -153,12 +171,52 @@ def gradient_findings(
     if non_finite is not None:
         findings.append(non_finite)
     spike = detect_spikes(
-        records.global_norms, steps, factor=spike_factor, window=spike_window,
-        first_index=start, context=context,
+        records.global_norms,
+        steps,
+        factor=spike_factor,
+        window=spike_window,
+        first_index=start,
+        context=context,
     )
     if spike is not None:
         findings.append(spike)
     return findings, GradientSummary(layers, median, kind, decay, first_to_last)
+
+
+def unit_findings(
+    units: pd.DataFrame,
+    context: NetworkContext | None = None,
+    *,
+    step: int | None = None,
+    criterion: str = "probe set",
+) -> list[Finding]:
+    """Dead-unit and saturation findings from a table of activation sites.
+
+    Args:
+        units: One row per site with `dead_units` and/or `saturated_fraction` (NaN
+            where not measured); see `detect_dead_units` and `detect_saturation`.
+        context: The network, to choose the fixes. Defaults to `None`.
+        step: The training step, if any. Defaults to `None`.
+        criterion: How dead units were established. Defaults to `"probe set"`.
+
+    Returns:
+        The findings (zero, one or two).
+    """
+    dead = units.dropna(subset=["dead_units"])
+    saturated = units.dropna(subset=["saturated_fraction"])
+    findings = [
+        (
+            detect_dead_units(dead, context=context, step=step, criterion=criterion)
+            if len(dead)
+            else None
+        ),
+        (
+            detect_saturation(saturated, context=context, step=step)
+            if len(saturated)
+            else None
+        ),
+    ]
+    return [finding for finding in findings if finding is not None]
 
 
 def diagnose_records(
@@ -196,8 +254,10 @@ def diagnose_records(
     findings, summary = gradient_findings(records, context)
     table = layer_table(records)
     measure = "update-to-weight" if update_ratios is not None else "gradient-to-weight"
-    ratios = update_ratios if update_ratios is not None else dict(
-        zip(table["layer"], table["grad_to_weight"])
+    ratios = (
+        update_ratios
+        if update_ratios is not None
+        else dict(zip(table["layer"], table["grad_to_weight"]))
     )
     stalled = stalled_beyond_trend(ratios, findings, measure=measure, context=context)
     if stalled is not None:
@@ -206,20 +266,14 @@ def diagnose_records(
         table["activation"] = table["layer"].map(context.activations).fillna("")
     if units is not None and len(units):
         table = merge_unit_columns(table, units)
-        dead = units.dropna(subset=["dead_units"])
-        saturated = units.dropna(subset=["saturated_fraction"])
-        findings += [
-            detect_dead_units(dead, context=context, criterion=dead_criterion)
-            if len(dead)
-            else None,
-            detect_saturation(saturated, context=context) if len(saturated) else None,
-        ]
-    findings = [finding for finding in findings if finding is not None]
+        findings += unit_findings(units, context, criterion=dead_criterion)
     position = {name: i for i, name in enumerate(summary.layers)}
     profile = pd.DataFrame(
         {
             "layer": summary.layers,
-            "depth": [int(table.set_index("layer").loc[n, "depth"]) for n in summary.layers],
+            "depth": [
+                int(table.set_index("layer").loc[n, "depth"]) for n in summary.layers
+            ],
             "position": [position[n] for n in summary.layers],
             "norm": summary.profile,
         }

@@ -1,4 +1,4 @@
-"""One pass over a probe set: gradients per variable and per layer output, unit statistics.
+"""One pass over a probe set: gradients per variable and layer output, unit statistics.
 
 This is the engine of `diagnose`: it runs the model batch by batch under a
 `tf.GradientTape`, through a functional sub-model when the model has a graph, and
@@ -18,15 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from kgrad.capture.variables import TrackedVariable, _ordered_layers, track_variables
-from kgrad.diagnosis.activations import (
-    LayerReader,
-    activation_sites,
-    functional_reason,
-    has_kernel,
-    layer_output,
-    null_active_units,
-    null_units_layer,
-)
+from kgrad.diagnosis.activations import activation_sites, has_kernel
+from kgrad.diagnosis.graph import LayerReader, functional_reason, layer_output
+from kgrad.diagnosis.null_units import null_active_units, null_units_layer
 from kgrad.diagnosis.fixes import DEAD_PRONE
 from kgrad.diagnosis.saturation import DERIVATIVE_THRESHOLD, derivative_from_outputs
 
@@ -76,10 +70,7 @@ class _SiteStats:
 
     def __init__(self, site, seed: int):
         self.site = site
-        self.active = None
-        self.null_active = None
-        self.saturated = 0
-        self.total = 0
+        self.reset()
         self.null = (
             null_units_layer(site.kernel_layer, seed)
             if site.kernel_input is not None
@@ -88,6 +79,12 @@ class _SiteStats:
             else None
         )
 
+    def reset(self) -> None:
+        self.active = None
+        self.null_active = None
+        self.saturated = 0
+        self.total = 0
+
     def add(self, output: tf.Tensor, kernel_input: Any) -> None:
         flat = tf.reshape(output, [-1, output.shape[-1]])
         if self.site.activation in DEAD_PRONE:
@@ -95,8 +92,9 @@ class _SiteStats:
             self.active = active if self.active is None else self.active | active
             if self.null is not None and kernel_input is not None:
                 null_active = null_active_units(self.null, kernel_input)
+                previous = self.null_active
                 self.null_active = (
-                    null_active if self.null_active is None else self.null_active | null_active
+                    null_active if previous is None else previous | null_active
                 )
         else:
             derivative = derivative_from_outputs(flat.numpy(), self.site.activation)
@@ -124,7 +122,8 @@ class _SiteStats:
                 row["null_silent_fraction"] = float(np.mean(~self.null_active))
             bias = getattr(site.kernel_layer, "bias", None)
             if dead.any() and bias is not None and not site.normalized:
-                row["dead_bias_mean"] = float(np.mean(keras.ops.convert_to_numpy(bias)[dead]))
+                values = keras.ops.convert_to_numpy(bias)[dead]
+                row["dead_bias_mean"] = float(np.mean(values))
         if self.total:
             row["saturated_fraction"] = self.saturated / self.total
         return row
@@ -140,6 +139,97 @@ def _restoring(model: keras.Model) -> Callable[[], None]:
     return restore
 
 
+# The initial loss scale of `LossScaleOptimizer`: it keeps small float16 gradients
+# (below ~6e-8) from underflowing to zero, as training under mixed precision does.
+FLOAT16_LOSS_SCALE = 2.0**15
+
+
+def _computes_in_float16(model: keras.Model) -> bool:
+    return any(
+        getattr(layer, "compute_dtype", None) == "float16"
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+    )
+
+
+class _Pass:
+    """One walk over the probe set, batch by batch, under a gradient tape."""
+
+    def __init__(self, model, x, examples, objective, batch_size, training, seed):
+        self.model, self.x, self.examples = model, x, examples
+        self.objective, self.batch_size, self.training = objective, batch_size, training
+        self.tracked = track_variables(model)
+        self.variables = [item.variable for item in self.tracked]
+        self.notes: list[str] = []
+        self.sites, self.kernel_layers, self.stats, self.reader = [], [], [], None
+        reason = functional_reason(model)
+        if reason is not None:
+            self.notes.append(reason)
+            return
+        self.sites = activation_sites(model)
+        self.kernel_layers = [
+            layer
+            for layer in _ordered_layers(model)
+            if has_kernel(layer) and layer_output(model, layer) is not None
+        ]
+        self.stats = [_SiteStats(site, seed) for site in self.sites]
+        tensors = [site.output for site in self.sites]
+        tensors += [
+            site.kernel_input if stat.null is not None else site.output
+            for stat, site in zip(self.stats, self.sites)
+        ]
+        tensors += [layer_output(model, layer) for layer in self.kernel_layers]
+        self.reader = LayerReader(model, tensors)
+        self._order = {layer.name: i for i, layer in enumerate(_ordered_layers(model))}
+
+    def run(self, scale: float) -> None:
+        """Accumulates gradients of `scale` x the objective, divided back by `scale`."""
+        count = len(self.sites)
+        self.grad_sums: list[np.ndarray | None] = [None] * len(self.variables)
+        self.squares = np.full(len(self.kernel_layers), np.nan)  # NaN: no gradient
+        self.first_non_finite: str | None = None
+        for stat in self.stats:
+            stat.reset()
+        for start in range(0, self.examples, self.batch_size):
+            stop = min(start + self.batch_size, self.examples)
+            xb = keras.tree.map_structure(lambda value: value[start:stop], self.x)
+            with tf.GradientTape() as tape:
+                if self.reader is None:
+                    y_pred, read = self.model(xb, training=self.training), []
+                else:
+                    read, y_pred = self.reader(xb, training=self.training)
+                loss = self.objective(y_pred, start, stop) * scale
+            outputs = read[2 * count :]
+            gradients = tape.gradient(loss, self.variables + outputs)
+            for index, gradient in enumerate(gradients[: len(self.variables)]):
+                dense = _dense(gradient)
+                if dense is not None:
+                    total = self.grad_sums[index]
+                    dense /= scale
+                    self.grad_sums[index] = dense if total is None else total + dense
+            for index, gradient in enumerate(gradients[len(self.variables) :]):
+                if gradient is not None:
+                    square = tf.reduce_sum(tf.square(tf.cast(gradient, tf.float64)))
+                    previous = np.nan_to_num(self.squares[index])
+                    self.squares[index] = previous + float(square) / scale**2
+            for stat, output, kernel_input in zip(
+                self.stats, read[:count], read[count : 2 * count]
+            ):
+                stat.add(output, kernel_input if stat.null is not None else None)
+            layers = [site.layer for site in self.sites] + self.kernel_layers
+            for layer, output in zip(layers, read[:count] + outputs):
+                self._check_finite(layer, output)
+
+    def _check_finite(self, layer: keras.Layer, output: tf.Tensor) -> None:
+        if bool(tf.reduce_all(tf.math.is_finite(tf.cast(output, tf.float32)))):
+            return
+        first = self.first_non_finite
+        if first is None or self._order[layer.name] < self._order[first]:
+            self.first_non_finite = layer.name
+
+    def gradients_finite(self) -> bool:
+        return all(np.isfinite(g).all() for g in self.grad_sums if g is not None)
+
+
 def measure(
     model: keras.Model,
     x: Any,
@@ -151,6 +241,10 @@ def measure(
     seed: int,
 ) -> Measurements:
     """Runs the probe set through `model` and accumulates the statistics.
+
+    Under float16 mixed precision the objective is scaled as `LossScaleOptimizer`
+    scales the loss, so that small gradients do not underflow; if the scale
+    overflows, the pass is repeated unscaled.
 
     Args:
         model: A built Keras model.
@@ -166,84 +260,36 @@ def measure(
     Returns:
         The `Measurements`.
     """
-    tracked = track_variables(model)
-    variables = [item.variable for item in tracked]
-    notes: list[str] = []
-    reason = functional_reason(model)
-    sites, kernel_layers, reader = [], [], None
-    if reason is None:
-        sites = activation_sites(model)
-        kernel_layers = [
-            layer
-            for layer in _ordered_layers(model)
-            if has_kernel(layer) and layer_output(model, layer) is not None
-        ]
-        stats_of = [_SiteStats(site, seed) for site in sites]
-        tensors = [site.output for site in sites]
-        tensors += [
-            site.kernel_input if stat.null is not None else site.output
-            for stat, site in zip(stats_of, sites)
-        ]
-        tensors += [layer_output(model, layer) for layer in kernel_layers]
-        reader = LayerReader(model, tensors)
-    else:
-        notes.append(reason)
-        stats_of = []
-
-    grad_sums: list[np.ndarray | None] = [None] * len(variables)
-    squares = np.full(len(kernel_layers), np.nan)  # NaN: no gradient reached it
-    first_non_finite = None
-    order = {layer.name: i for i, layer in enumerate(_ordered_layers(model))}
+    walk = _Pass(model, x, examples, objective, batch_size, training, seed)
+    scale = FLOAT16_LOSS_SCALE if _computes_in_float16(model) else 1.0
     restore = _restoring(model)
     try:
-        for start in range(0, examples, batch_size):
-            stop = min(start + batch_size, examples)
-            xb = keras.tree.map_structure(lambda value: value[start:stop], x)
-            with tf.GradientTape() as tape:
-                if reader is None:
-                    y_pred, read = model(xb, training=training), []
-                else:
-                    read, y_pred = reader(xb, training=training)
-                loss = objective(y_pred, start, stop)
-            outputs = read[2 * len(sites) :]
-            gradients = tape.gradient(loss, variables + outputs)
-            for index, gradient in enumerate(gradients[: len(variables)]):
-                dense = _dense(gradient)
-                if dense is not None:
-                    grad_sums[index] = dense if grad_sums[index] is None else grad_sums[index] + dense
-            for index, gradient in enumerate(gradients[len(variables) :]):
-                if gradient is not None:
-                    squares[index] = np.nan_to_num(squares[index]) + float(tf.reduce_sum(tf.square(tf.cast(gradient, tf.float64))))
-            for stat, output, kernel_input in zip(
-                stats_of, read[: len(sites)], read[len(sites) : 2 * len(sites)]
-            ):
-                stat.add(output, kernel_input if stat.null is not None else None)
-            for layer, output in zip(
-                [site.layer for site in sites] + kernel_layers,
-                read[: len(sites)] + outputs,
-            ):
-                if not bool(tf.reduce_all(tf.math.is_finite(tf.cast(output, tf.float32)))):
-                    if first_non_finite is None or order[layer.name] < order[first_non_finite]:
-                        first_non_finite = layer.name
+        walk.run(scale)
+        if scale != 1.0 and not walk.gradients_finite():
+            walk.run(1.0)  # tell a real non-finite gradient from a scale overflow
     finally:
         restore()
-
-    grad_norms = np.array(
-        [np.nan if total is None else float(np.sqrt(np.sum(np.square(total)))) for total in grad_sums]
-    )
-    weight_norms = np.array(
-        [float(np.linalg.norm(keras.ops.convert_to_numpy(v).astype(np.float64))) for v in variables]
-    )
     return Measurements(
-        tracked=tracked,
-        grad_norms=grad_norms,
-        has_gradient=np.array([total is not None for total in grad_sums], dtype=bool),
-        weight_norms=weight_norms,
+        tracked=walk.tracked,
+        grad_norms=np.array(
+            [
+                np.nan if g is None else np.sqrt(np.sum(np.square(g)))
+                for g in walk.grad_sums
+            ]
+        ),
+        has_gradient=np.array([g is not None for g in walk.grad_sums], dtype=bool),
+        weight_norms=np.array(
+            [
+                np.linalg.norm(keras.ops.convert_to_numpy(v).astype(np.float64))
+                for v in walk.variables
+            ]
+        ),
         activation_grad_norms={
-            layer.name: float(np.sqrt(value)) for layer, value in zip(kernel_layers, squares)
+            layer.name: float(np.sqrt(value))
+            for layer, value in zip(walk.kernel_layers, walk.squares)
         },
-        units=[stat.result() for stat in stats_of],
-        first_non_finite_output=first_non_finite,
+        units=[stat.result() for stat in walk.stats],
+        first_non_finite_output=walk.first_non_finite,
         examples=examples,
-        notes=notes,
+        notes=walk.notes,
     )

@@ -73,9 +73,7 @@ def detect_non_finite(
         weights = np.atleast_2d(np.asarray(weight_norms, dtype=np.float64))
         evidence["weights_non_finite"] = bool(not np.isfinite(weights[row]).all())
     where = f" at step {step}" if step is not None else ""
-    origin = (
-        f"; it entered the backward pass at {bad[-1]}" if bad else ""
-    )
+    origin = f"; it entered the backward pass at {bad[-1]}" if bad else ""
     forward = (
         f"; the forward pass was first non-finite at {first_non_finite_output}"
         if first_non_finite_output

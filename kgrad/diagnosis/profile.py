@@ -217,20 +217,26 @@ class DepthTrend:
             return None
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = profile / profile[-1]
-        return cls(
-            stats.per_layer_ratio(profile) if per_layer_ratio is None else per_layer_ratio,
-            stats.first_to_last_ratio(profile) if first_to_last is None else first_to_last,
-            relative,
-        )
+        if per_layer_ratio is None:
+            per_layer_ratio = stats.per_layer_ratio(profile)
+            if profile[0] == 0 < profile[-1]:  # underflowed to zero: total loss
+                per_layer_ratio = 0.0
+        if first_to_last is None:
+            first_to_last = stats.first_to_last_ratio(profile)
+        return cls(float(per_layer_ratio), float(first_to_last), relative)
 
     def layers_where(
-        self, layers: Sequence[str], below: float | None = None, above: float | None = None
+        self,
+        layers: Sequence[str],
+        below: float | None = None,
+        above: float | None = None,
     ) -> list[str]:
-        """The layers whose relative norm is below (or above) a bound; else the first."""
+        """The layers whose relative norm is beyond a bound (else the first layer)."""
         picked = [
             name
             for name, value in zip(layers, self.relative)
-            if (below is not None and value < below) or (above is not None and value > above)
+            if (below is not None and value < below)
+            or (above is not None and value > above)
         ]
         return picked or list(layers[:1])
 

@@ -1,4 +1,4 @@
-"""`Report`: the findings of a diagnosis, the per-layer table behind them, and a summary."""
+"""`Report`: the findings of a diagnosis, the per-layer table behind them, a summary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Saturated sigmoid and tanh units: derivative below 0.01, so almost no gradient passes.
+"""Saturated sigmoid and tanh units: derivative below 0.01, almost no gradient passes.
 
 The derivative is computed from the outputs, σ′ = y(1 − y) and tanh′ = 1 − y², so it
 works for activations fused into `Dense(activation=...)` and for separate `Activation`
@@ -69,7 +69,9 @@ def saturated_count(outputs: np.ndarray, activation: str) -> tuple[int, int]:
         `(saturated, total)` counts over every example, position and unit.
     """
     derivative = derivative_from_outputs(outputs, activation)
-    return int(np.count_nonzero(derivative < DERIVATIVE_THRESHOLD)), int(derivative.size)
+    return int(np.count_nonzero(derivative < DERIVATIVE_THRESHOLD)), int(
+        derivative.size
+    )
 
 
 def detect_saturation(

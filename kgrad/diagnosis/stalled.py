@@ -1,11 +1,12 @@
 """Stalled layers: weights that barely move while the rest of the net trains.
 
-The measure is the update-to-weight ratio ‖Δw‖/‖w‖ per layer and per step, the quantity
-practitioners watch to see whether a layer learns (a healthy net keeps it within an order
-of magnitude or so across layers). During training (`GradientHealthMonitor`) Δw is the
-actual change of the weights between two probes. Without training (`diagnose`) the
-gradient-to-weight ratio ‖g‖/‖w‖ stands in for it: plain SGD's update is the learning
-rate times the gradient, and the learning rate cancels when layers are compared.
+The measure is the update-to-weight ratio ‖Δw‖/‖w‖ per layer and per step, the
+quantity practitioners watch to see whether a layer learns (a healthy net keeps it
+within an order of magnitude or so across layers). During training
+(`GradientHealthMonitor`) Δw is the actual change of the weights between two probes.
+Without training (`diagnose`) the gradient-to-weight ratio ‖g‖/‖w‖ stands in for it:
+plain SGD's update is the learning rate times the gradient, and the learning rate
+cancels when layers are compared.
 
 A layer is stalled when its ratio is more than `factor` (default 100) times below the
 median over layers. Layers whose slowness a vanishing finding already explains are left
@@ -96,7 +97,12 @@ def detect_stalled(
     if not flagged:
         return None
     layers = list(flagged)
-    evidence = {"ratio": flagged, "median_ratio": median, "factor": factor, "measure": measure}
+    evidence = {
+        "ratio": flagged,
+        "median_ratio": median,
+        "factor": factor,
+        "measure": measure,
+    }
     return Finding(
         kind="stalled",
         severity="warning",
@@ -135,7 +141,10 @@ def stalled_beyond_trend(
     Returns:
         A `Finding` of kind `"stalled"`, or `None`.
     """
-    if any(f.kind == "exploding" and f.evidence.get("signal") == "depth_growth" for f in findings):
+    if any(
+        f.kind == "exploding" and f.evidence.get("signal") == "depth_growth"
+        for f in findings
+    ):
         return None
     vanishing = {layer for f in findings if f.kind == "vanishing" for layer in f.layers}
     return detect_stalled(

@@ -16,7 +16,14 @@ import pandas as pd
 from kgrad.diagnosis.dead_units import consecutive_silence
 from kgrad.diagnosis.stalled import update_ratios
 
-UNIT_COLUMNS = ["site", "layer", "activation", "units", "dead_units", "saturated_fraction"]
+UNIT_COLUMNS = [
+    "site",
+    "layer",
+    "activation",
+    "units",
+    "dead_units",
+    "saturated_fraction",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +43,25 @@ class UnitHealth:
         sites: The activation sites probed, in the probe's order.
         layers: The layers whose weight movement is probed.
         dead_after_probes: Probes in a row a unit must be silent to count as dead.
+        first_step: The step before which the first weight copy was taken.
+            Defaults to `0`.
 
     Example:
 
     >>> health = UnitHealth([SiteInfo("dense", "dense", "relu", 2)], ["dense"], 2)
     >>> for step in (0, 10):
-    ...     health.add(step, [np.array([True, False])], [None], [0.1], [1.0])
+    ...     _ = health.add(step, [np.array([True, False])], [None], [0.1], [1.0])
     >>> health.table().dead_units.tolist()
     [1]
     """
 
-    def __init__(self, sites: Sequence[SiteInfo], layers: Sequence[str], dead_after_probes: int):
+    def __init__(
+        self,
+        sites: Sequence[SiteInfo],
+        layers: Sequence[str],
+        dead_after_probes: int,
+        first_step: int = 0,
+    ):
         self.sites = list(sites)
         self.layers = list(layers)
         self.dead_after_probes = dead_after_probes
@@ -54,7 +69,9 @@ class UnitHealth:
         self.saturated: list[float | None] = [None] * len(self.sites)
         self.update_ratios: dict[str, float] = {}
         self.probes = 0
-        self.last_step: int | None = None
+        # The weights were first copied before `first_step` ran.
+        self.last_step = first_step - 1
+        self._interval: dict[str, list[float]] = {}
 
     def add(
         self,
@@ -63,7 +80,6 @@ class UnitHealth:
         saturated: Sequence[float | None],
         delta_norms: Sequence[float],
         weight_norms: Sequence[float],
-        previous_step: int | None = None,
     ) -> dict[str, float]:
         """Folds in one probe taken after `step`.
 
@@ -73,8 +89,6 @@ class UnitHealth:
             saturated: Per site, the saturated fraction (sigmoid/tanh) or `None`.
             delta_norms: ‖w − w_prev‖ per layer since the previous probe.
             weight_norms: ‖w‖ per layer.
-            previous_step: The step of the previous weight snapshot. Defaults to
-                `None`: the previous probe's step (or `step − 1` for the first).
 
         Returns:
             The update-to-weight ratio per layer and step of this probe.
@@ -86,16 +100,27 @@ class UnitHealth:
                 )
             if fraction is not None:
                 self.saturated[index] = float(fraction)
-        if previous_step is None:
-            previous_step = step - 1 if self.last_step is None else self.last_step
         ratios = update_ratios(
             dict(zip(self.layers, delta_norms)),
             dict(zip(self.layers, weight_norms)),
-            max(1, step - previous_step),
+            max(1, step - self.last_step),
         )
+        for layer, value in ratios.items():
+            self._interval.setdefault(layer, []).append(value)
         self.last_step = step
         self.probes += 1
         return ratios
+
+    def close_interval(self) -> bool:
+        """Sets `update_ratios` to the median per layer over the probes since the
+        last call. Returns whether any probe came in that interval."""
+        if not self._interval:
+            return False
+        self.update_ratios = {
+            layer: float(np.median(values)) for layer, values in self._interval.items()
+        }
+        self._interval = {}
+        return True
 
     def dead_masks(self) -> list[np.ndarray | None]:
         """Per site, which units are dead now (`None` for sigmoid/tanh sites)."""
@@ -108,11 +133,23 @@ class UnitHealth:
         """One row per site: `site, layer, activation, units, dead_units,
         saturated_fraction` (NaN where not measured)."""
         rows = []
-        for info, counts, saturated in zip(self.sites, self.silent_counts, self.saturated):
-            dead = np.nan if counts is None else int(np.sum(counts >= self.dead_after_probes))
+        for info, counts, saturated in zip(
+            self.sites, self.silent_counts, self.saturated
+        ):
+            dead = (
+                np.nan
+                if counts is None
+                else int(np.sum(counts >= self.dead_after_probes))
+            )
             rows.append(
-                [info.site, info.layer, info.activation, info.units, dead,
-                 np.nan if saturated is None else saturated]
+                [
+                    info.site,
+                    info.layer,
+                    info.activation,
+                    info.units,
+                    dead,
+                    np.nan if saturated is None else saturated,
+                ]
             )
         return pd.DataFrame(rows, columns=UNIT_COLUMNS)
 
@@ -122,10 +159,14 @@ class UnitHealth:
         relu = table.dropna(subset=["dead_units"])
         saturating = table.dropna(subset=["saturated_fraction"])
         return {
-            "dead_fraction": float(relu["dead_units"].sum() / relu["units"].sum())
-            if len(relu)
-            else float("nan"),
-            "saturated_fraction": float(saturating["saturated_fraction"].mean())
-            if len(saturating)
-            else float("nan"),
+            "dead_fraction": (
+                float(relu["dead_units"].sum() / relu["units"].sum())
+                if len(relu)
+                else float("nan")
+            ),
+            "saturated_fraction": (
+                float(saturating["saturated_fraction"].mean())
+                if len(saturating)
+                else float("nan")
+            ),
         }

@@ -1,10 +1,11 @@
 """A cheap periodic probe during training: unit activity and how far the weights moved.
 
-Called every `probe_every_n_steps` steps by `GradientHealthMonitor`, it (a) passes a fixed probe batch through a functional sub-model, returning
-which ReLU-family units fired and the saturated fraction of each sigmoid/tanh site, and
-(b) measures ‖w − w_prev‖ and ‖w‖ per layer against a device copy of the weights taken at
-the previous probe. Its result is packed into one tensor that is read only when `decode`
-is called (at the end of the epoch).
+Called every `probe_every_n_steps` steps by `GradientHealthMonitor`, it (a) passes a
+fixed probe batch through a functional sub-model, returning which ReLU-family units
+fired and the saturated fraction of each sigmoid/tanh site, and (b) measures
+‖w − w_prev‖ and ‖w‖ per layer against a host copy of the weights taken at the previous
+probe. The activation statistics stay tensors until `decode` reads them (at the end of
+the epoch).
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from kgrad.capture.variables import TrackedVariable
-from kgrad.diagnosis.activations import (
-    LayerReader,
-    activation_sites,
-    null_active_units,
-    null_units_layer,
-)
+from kgrad.diagnosis.activations import activation_sites
+from kgrad.diagnosis.graph import LayerReader
+from kgrad.diagnosis.null_units import null_active_units, null_units_layer
 from kgrad.diagnosis.fixes import DEAD_PRONE
 from kgrad.diagnosis.saturation import DERIVATIVE_THRESHOLD
 from kgrad.diagnosis.unit_health import SiteInfo
@@ -45,7 +43,8 @@ class UnitProbe:
 
     Example:
 
-    >>> probe = UnitProbe(model, kgrad.track_variables(model), x_probe)  # doctest: +SKIP
+    >>> tracked = kgrad.track_variables(model)  # doctest: +SKIP
+    >>> probe = UnitProbe(model, tracked, x_probe)  # doctest: +SKIP
     >>> result = probe()  # doctest: +SKIP
     >>> active, saturated, deltas, weights = probe.decode(result)  # doctest: +SKIP
     """
@@ -60,7 +59,7 @@ class UnitProbe:
         ]
         self.sites = activation_sites(model) if x is not None else []
         # The null model of dead units reads each ReLU site's kernel input; the probe
-        # returns those inputs too, and the last ones are kept for `null_silent_fractions`.
+        # returns those inputs too, and keeps the last ones for the null fractions.
         self._null_layers = {
             index: null_units_layer(site.kernel_layer, units=PROBE_NULL_UNITS)
             for index, site in enumerate(self.sites)
@@ -68,7 +67,9 @@ class UnitProbe:
             and site.kernel_input is not None
             and not site.normalized
         }
-        self._null_layers = {i: n for i, n in self._null_layers.items() if n is not None}
+        self._null_layers = {
+            i: n for i, n in self._null_layers.items() if n is not None
+        }
         self._reader = (
             LayerReader(
                 model,
@@ -79,7 +80,9 @@ class UnitProbe:
             else None
         )
         self._previous = [[self._read(v) for v in group] for group in self._groups]
-        self._x = None if x is None else keras.tree.map_structure(tf.convert_to_tensor, x)
+        self._x = (
+            None if x is None else keras.tree.map_structure(tf.convert_to_tensor, x)
+        )
         self._kernel_inputs: dict[int, tf.Tensor] = {}
         self._calls = 0
         self._null_cache: dict[int, tuple[bytes, float]] = {}
@@ -106,21 +109,34 @@ class UnitProbe:
             if self._calls == EAGER_PROBES + 1:
                 self._reader = tf.function(self._reader)
             outputs, _ = self._reader(self._x, training=False)
-            self._kernel_inputs = dict(zip(self._null_layers, outputs[len(self.sites) :]))
+            self._kernel_inputs = dict(
+                zip(self._null_layers, outputs[len(self.sites) :])
+            )
             for site, output in zip(self.sites, outputs):
                 flat = tf.cast(tf.reshape(output, [-1, output.shape[-1]]), tf.float32)
                 if site.activation in DEAD_PRONE:
                     parts.append(tf.reduce_any(flat != 0, axis=0))
                 else:
                     derivative = (
-                        flat * (1.0 - flat) if site.activation == "sigmoid" else 1.0 - flat**2
+                        flat * (1.0 - flat)
+                        if site.activation == "sigmoid"
+                        else 1.0 - flat**2
                     )
-                    parts.append(tf.reduce_mean(tf.cast(derivative < DERIVATIVE_THRESHOLD, tf.float32)))
+                    parts.append(
+                        tf.reduce_mean(
+                            tf.cast(derivative < DERIVATIVE_THRESHOLD, tf.float32)
+                        )
+                    )
         deltas, weights = [], []
         for index, group in enumerate(self._groups):
             values = [self._read(variable) for variable in group]
             deltas.append(
-                np.sqrt(sum(np.sum(np.square(v - p)) for v, p in zip(values, self._previous[index])))
+                np.sqrt(
+                    sum(
+                        np.sum(np.square(v - p))
+                        for v, p in zip(values, self._previous[index])
+                    )
+                )
             )
             weights.append(np.sqrt(sum(np.sum(np.square(v)) for v in values)))
             self._previous[index] = values

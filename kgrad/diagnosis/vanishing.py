@@ -102,8 +102,8 @@ def detect_vanishing(
         fixes=fixes_for("vanishing", concerned, context, evidence),
         step=step,
         message=(
-            f"the backpropagated signal shrinks {trend.per_layer_ratio:.3g}x per layer; "
-            f"the first layer receives {trend.first_to_last:.2g} of the last layer's "
+            f"the backpropagated signal shrinks {trend.per_layer_ratio:.3g}x per "
+            f"layer; the first layer receives {trend.first_to_last:.2g} of the last's "
             f"({layer_span(concerned)} get less than {cumulative_threshold:g} of it)"
         ),
     )

@@ -57,9 +57,17 @@ def plot_activation_curves(axes: Sequence[Axes] | None = None) -> Figure:
         ax.plot(x, value, label=f"{symbol}(x)", color="tab:blue")
         ax.plot(x, derivative, label=f"{symbol}′(x)", color="tab:red")
         for side in (-1, 1):
-            ax.axvspan(side * threshold, side * 8.0, color="tab:orange", alpha=0.12,
-                       label=f"{symbol}′ < {DERIVATIVE_THRESHOLD} (|x| > {threshold})"
-                       if side == 1 else None)
+            ax.axvspan(
+                side * threshold,
+                side * 8.0,
+                color="tab:orange",
+                alpha=0.12,
+                label=(
+                    f"{symbol}′ < {DERIVATIVE_THRESHOLD} (|x| > {threshold})"
+                    if side == 1
+                    else None
+                ),
+            )
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_xlim(-8, 8)
         ax.set_xlabel("x")
@@ -69,7 +77,9 @@ def plot_activation_curves(axes: Sequence[Axes] | None = None) -> Figure:
     sigmoid_ax.plot([0], [0.25], "o", color="tab:red")
     sigmoid_ax.annotate("σ′(0) = 0.25", (0, 0.25), (1.0, 0.33), fontsize="small")
     sigmoid_ax.plot([5], [_sigmoid(5.0)], "o", color="tab:blue")
-    sigmoid_ax.annotate("σ(5) = 0.99331", (5, _sigmoid(5.0)), (1.6, 0.85), fontsize="small")
+    sigmoid_ax.annotate(
+        "σ(5) = 0.99331", (5, _sigmoid(5.0)), (1.6, 0.85), fontsize="small"
+    )
     tanh_ax.plot([0], [1.0], "o", color="tab:red")
     tanh_ax.annotate("tanh′(0) = 1", (0, 1.0), (0.6, 1.05), fontsize="small")
     tanh_ax.set_ylim(-1.1, 1.25)

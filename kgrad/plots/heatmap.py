@@ -1,4 +1,4 @@
-"""The gradient-flow heatmap: gradient norm per layer (rows) and logged step (columns)."""
+"""Gradient-flow heatmap: norm per layer (rows) and logged step (columns)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def plot_gradient_heatmap(
     check_profile_kind(kind)
     if "variable" not in frame or "step" not in frame:
         raise ValueError(
-            "`frame` must be a GradientNormLogger frame (`to_dataframe()` or its CSV), "
-            f"with `step` and `variable` columns. Received columns: {list(frame.columns)}"
+            "`frame` must be a GradientNormLogger frame (`to_dataframe()` or its "
+            "CSV), with `step` and `variable` columns. Received columns: "
+            f"{list(frame.columns)}"
         )
     runs = split_runs(frame)
     if run is None:
@@ -68,8 +69,13 @@ def plot_gradient_heatmap(
     steps = records.steps
     extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, -0.5, len(layers) - 0.5)
     image = ax.imshow(
-        values, aspect="auto", origin="lower", norm=norm, cmap="magma",
-        interpolation="nearest", extent=extent,
+        values,
+        aspect="auto",
+        origin="lower",
+        norm=norm,
+        cmap="magma",
+        interpolation="nearest",
+        extent=extent,
     )
     if len(layers) <= _MAX_LABELLED_LAYERS:
         ax.set_yticks(range(len(layers)), layers, fontsize="small")

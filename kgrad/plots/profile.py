@@ -11,12 +11,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from kgrad import stats
-from kgrad.diagnosis.profile import ProfileKind, check_profile_kind, frame_profile, records_profile
+from kgrad.diagnosis.profile import (
+    ProfileKind,
+    check_profile_kind,
+    frame_profile,
+    records_profile,
+)
 from kgrad.plots._axes import figure_and_axes
 from kgrad.records.gradient_records import GradientRecords
 
 
-def profile_of(frame: pd.DataFrame, kind: ProfileKind = "auto") -> tuple[pd.DataFrame, str]:
+def profile_of(
+    frame: pd.DataFrame, kind: ProfileKind = "auto"
+) -> tuple[pd.DataFrame, str]:
     """The δ profile (`layer`, `depth`, `position`, `norm`) of a DataFrame.
 
     Args:
@@ -33,7 +40,9 @@ def profile_of(frame: pd.DataFrame, kind: ProfileKind = "auto") -> tuple[pd.Data
     layers, norms, used = records_profile(records, kind)
     depth = {info.layer: info.depth for info in records.variables}
     with np.errstate(all="ignore"):
-        median = np.nanmedian(norms, axis=0) if len(norms) else np.full(len(layers), np.nan)
+        median = (
+            np.nanmedian(norms, axis=0) if len(norms) else np.full(len(layers), np.nan)
+        )
     return (
         pd.DataFrame(
             {
@@ -84,7 +93,8 @@ def plot_gradient_profile(
 
     Example:
 
-    >>> fig = plot_gradient_profile({"sigmoid": sig.layers, "relu": relu.layers})  # doctest: +SKIP
+    >>> frames = {"sigmoid": sigmoid.layers, "relu": relu.layers}  # doctest: +SKIP
+    >>> fig = plot_gradient_profile(frames)  # doctest: +SKIP
     >>> fig.savefig("profile.png")  # doctest: +SKIP
     """
     check_profile_kind(kind)
@@ -100,13 +110,21 @@ def plot_gradient_profile(
         ratio = stats.per_layer_ratio(profile["norm"].to_numpy())
         label = f"{name} " if name else ""
         label += f"({ratio:.3g}x per layer)" if np.isfinite(ratio) else ""
-        ax.plot(profile["position"], profile["norm"], marker="o", markersize=3, label=label or None)
+        ax.plot(
+            profile["position"],
+            profile["norm"],
+            marker="o",
+            markersize=3,
+            label=label or None,
+        )
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (0 = nearest the input)")
     ax.set_ylabel(f"{'/'.join(sorted(kinds))} gradient norm")
     ax.set_title("Backpropagated gradient across depth")
     ax.grid(True, which="major", alpha=0.3)
-    if any(line.get_label() and not line.get_label().startswith("_") for line in ax.lines):
+    if any(
+        line.get_label() and not line.get_label().startswith("_") for line in ax.lines
+    ):
         ax.legend(fontsize="small")
     return figure

@@ -10,7 +10,9 @@ from kgrad.plots.profile import plot_gradient_profile
 from kgrad.plots.unit_health import plot_unit_health
 
 
-def plot_report(layers: pd.DataFrame, kind: ProfileKind = "auto", name: str = "") -> Figure:
+def plot_report(
+    layers: pd.DataFrame, kind: ProfileKind = "auto", name: str = ""
+) -> Figure:
     """The profile across depth, with the unit-health bars beside it when measured.
 
     Args:

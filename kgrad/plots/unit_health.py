@@ -38,21 +38,42 @@ def plot_unit_health(layers: pd.DataFrame, ax: Axes | None = None) -> Figure:
     ]
     ax.set_title("Unit health per layer")
     if not columns:
-        ax.text(0.5, 0.5, "no unit statistics available", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no unit statistics available",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_axis_off()
         return figure
     measured = layers[np.logical_or.reduce([layers[c].notna() for c, _, _ in columns])]
     positions = np.arange(len(measured))
     width = 0.8 / len(columns)
     for index, (column, label, color) in enumerate(columns):
-        ax.bar(positions + (index - (len(columns) - 1) / 2) * width,
-               measured[column].fillna(0.0), width, label=label, color=color)
+        ax.bar(
+            positions + (index - (len(columns) - 1) / 2) * width,
+            measured[column].fillna(0.0),
+            width,
+            label=label,
+            color=color,
+        )
     if any(column == "saturated_fraction" for column, _, _ in columns):
-        ax.axhline(SATURATED_FRACTION_THRESHOLD, color="tab:orange", linestyle=":",
-                   linewidth=1, label="saturation flagged above")
-    ax.set_xticks(positions, measured["layer"].astype(str), rotation=60, ha="right",
-                  fontsize="x-small")
+        ax.axhline(
+            SATURATED_FRACTION_THRESHOLD,
+            color="tab:orange",
+            linestyle=":",
+            linewidth=1,
+            label="saturation flagged above",
+        )
+    ax.set_xticks(
+        positions,
+        measured["layer"].astype(str),
+        rotation=60,
+        ha="right",
+        fontsize="x-small",
+    )
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of units")
     ax.legend(fontsize="small")

@@ -1,0 +1,97 @@
+"""Reading the tensors between layers, through a functional sub-model of the model.
+
+Dead-unit and saturation statistics, activation gradients and the null model of dead
+units all need the tensors between layers. A Functional or Sequential model exposes them
+(the inputs and outputs of each layer's node in its graph); a subclassed model computes
+them inside `call`, out of reach, so those statistics are unavailable for it (its
+gradient statistics still work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+
+
+def functional_reason(model: keras.Model) -> str | None:
+    """Why the layer outputs of `model` cannot be read, or `None` if they can."""
+    try:
+        inputs = model.inputs
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        return (
+            f"model {model.name!r} ({type(model).__name__}) is subclassed, with no "
+            "functional graph: its layer outputs exist only inside `call`, so "
+            "dead-unit and saturation statistics and activation gradients are "
+            "unavailable. Gradient statistics (per-layer gradient and weight norms, "
+            "vanishing, exploding, stalled) still work. Build the model with the "
+            "functional API or `keras.Sequential` to get the activation statistics."
+        )
+    return None
+
+
+def _node(model: keras.Model, layer: keras.Layer) -> Any:
+    """The node of `layer` that belongs to the graph of `model`.
+
+    A layer may have several nodes: a deserialized `Sequential` rebuilds its graph
+    once per added layer, and only the last graph connects to `model.outputs`.
+    """
+    graph = getattr(model, "_functional", None) or model
+    keys = getattr(graph, "_nodes", None)
+    nodes = list(getattr(layer, "_inbound_nodes", []))
+    if keys is None:
+        return nodes[-1] if nodes else None
+    # Functional graphs key their nodes by operation identity and node index.
+    matches = [n for i, n in enumerate(nodes) if f"{id(layer)}_ib-{i}" in keys]
+    return matches[0] if len(matches) == 1 else None
+
+
+def layer_output(model: keras.Model, layer: keras.Layer) -> Any:
+    """The symbolic output of `layer` in `model`'s graph (`None` if ambiguous)."""
+    node = _node(model, layer)
+    tensors = [] if node is None else list(node.output_tensors)
+    return tensors[0] if len(tensors) == 1 else None
+
+
+def layer_input(model: keras.Model, layer: keras.Layer) -> Any:
+    """The symbolic input of `layer` in `model`'s graph (`None` if several)."""
+    node = _node(model, layer)
+    tensors = [] if node is None else list(node.input_tensors)
+    return tensors[0] if len(tensors) == 1 else None
+
+
+class LayerReader:
+    """One forward pass that returns the tensors between layers and the predictions.
+
+    Args:
+        model: A Functional or Sequential model.
+        tensors: Symbolic tensors of `model` to return (layer outputs or inputs).
+
+    Example:
+
+    >>> first = layer_output(model, model.layers[0])  # doctest: +SKIP
+    >>> reader = LayerReader(model, [first])  # doctest: +SKIP
+    >>> (first_output,), y_pred = reader(x)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: keras.Model, tensors: Sequence[Any]):
+        inputs = model.inputs
+        outputs = keras.tree.flatten(model.outputs)
+        self._structure = model.outputs
+        self._count = len(tensors)
+        self._model = keras.Model(
+            inputs[0] if len(inputs) == 1 else inputs, list(tensors) + outputs
+        )
+
+    def __call__(self, x: Any, training: bool = False) -> tuple[list[Any], Any]:
+        results = self._model(x, training=training)
+        results = list(results) if isinstance(results, (list, tuple)) else [results]
+        y_pred = results[self._count :]
+        y_pred = keras.tree.pack_sequence_as(self._structure, y_pred)
+        if isinstance(y_pred, list) and len(y_pred) == 1:
+            y_pred = y_pred[0]
+        return results[: self._count], y_pred
