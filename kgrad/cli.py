@@ -44,8 +44,11 @@ def _out_dir(path: str) -> str:
 
 
 def _save(figure: Any, out: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
     path = os.path.join(out, name)
     figure.savefig(path, dpi=110)
+    plt.close(figure)
     return path
 
 

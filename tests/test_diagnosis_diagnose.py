@@ -219,6 +219,7 @@ def test_bad_input_is_named(x, y, kwargs, message):
 
 def test_report_text_dict_and_plot():
     import matplotlib
+    import matplotlib.pyplot
 
     matplotlib.use("Agg")
     report = kgrad.diagnose(_relu_net_with_dead_units(dead=12), _x(512))
@@ -230,6 +231,7 @@ def test_report_text_dict_and_plot():
     assert len(as_dict["layers"]) == 4
     figure = report.plot()
     assert len(figure.axes) == 2  # profile and unit health
+    matplotlib.pyplot.close(figure)
 
 
 def test_mixed_precision_gradients_do_not_underflow():

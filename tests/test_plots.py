@@ -5,12 +5,19 @@ import matplotlib
 matplotlib.use("Agg")
 
 import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import kgrad  # noqa: E402
 from kgrad import plots  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
 
 
 def _layers_frame(ratio, n=6, dead=None, saturated=None):

@@ -1,4 +1,8 @@
-"""Plots of gradient health. They read DataFrames only and return matplotlib Figures."""
+"""Plots of gradient health. They read DataFrames only and return matplotlib Figures.
+
+New figures are pyplot figures (shown by notebooks, `plt.show()` in scripts); close
+them with `plt.close(figure)` when drawing many in a loop.
+"""
 
 from kgrad.plots.activation_curves import plot_activation_curves
 from kgrad.plots.heatmap import plot_gradient_heatmap

@@ -1,9 +1,16 @@
-"""Figures without pyplot: no global state, safe in scripts, threads and notebooks."""
+"""New figures come from pyplot, so notebooks show them and scripts can `plt.show()`."""
 
 from __future__ import annotations
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A new pyplot figure with constrained layout."""
+    import matplotlib.pyplot as plt  # the backend is chosen on first use, not import
+
+    return plt.figure(figsize=figsize, layout="constrained")
 
 
 def figure_and_axes(
@@ -12,5 +19,5 @@ def figure_and_axes(
     """`ax` and its figure, or a new figure with one axes of size `figsize`."""
     if ax is not None:
         return ax.figure, ax
-    figure = Figure(figsize=figsize, layout="constrained")
+    figure = new_figure(figsize)
     return figure, figure.add_subplot()

@@ -13,6 +13,7 @@ from kgrad.diagnosis.saturation import (
     SIGMOID_SATURATION_INPUT,
     TANH_SATURATION_INPUT,
 )
+from kgrad.plots._axes import new_figure
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -40,7 +41,7 @@ def plot_activation_curves(axes: Sequence[Axes] | None = None) -> Figure:
     >>> plot_activation_curves().savefig("activations.png")  # doctest: +SKIP
     """
     if axes is None:
-        figure = Figure(figsize=(10.0, 3.8), layout="constrained")
+        figure = new_figure((10.0, 3.8))
         axes = figure.subplots(1, 2)
     elif len(axes) != 2:
         raise ValueError(

@@ -6,6 +6,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from kgrad.diagnosis.profile import ProfileKind
+from kgrad.plots._axes import new_figure
 from kgrad.plots.profile import plot_gradient_profile
 from kgrad.plots.unit_health import plot_unit_health
 
@@ -27,7 +28,7 @@ def plot_report(
         column in layers and layers[column].notna().any()
         for column in ("dead_fraction", "saturated_fraction")
     )
-    figure = Figure(figsize=(12.0 if has_units else 7.0, 4.5), layout="constrained")
+    figure = new_figure((12.0 if has_units else 7.0, 4.5))
     axes = figure.subplots(1, 2 if has_units else 1, squeeze=False)[0]
     plot_gradient_profile({name: layers}, ax=axes[0], kind=kind)
     if has_units:
