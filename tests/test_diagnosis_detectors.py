@@ -363,3 +363,27 @@ def test_unit_health_counts_dead_after_probes_in_a_row():
     assert health.health_values() == pytest.approx(
         {"dead_fraction": 1 / 3, "saturated_fraction": 0.3}
     )
+
+
+def test_gradient_findings_judge_only_new_steps_with_spike_history():
+    from kgrad.diagnosis.from_records import gradient_findings
+    from kgrad.records.gradient_records import GradientRecords, VariableInfo
+
+    variables = [VariableInfo(f"d{i}", i, "bias", "bias") for i in range(3)]
+    records = GradientRecords(variables, run="r")
+    norms = np.ones((120, 3))
+    norms[110] *= 40.0  # a spike among the new steps
+    norms[:100] *= [1e-4, 1e-2, 1.0]  # vanishing, then healed
+    records.append(
+        step=np.arange(120),
+        epoch=0,
+        grad_norm=norms,
+        weight_norm=np.ones((120, 3)),
+        global_norm=np.sqrt((norms**2).sum(axis=1)),
+    )
+    old, _ = gradient_findings(records, start=0)
+    assert "vanishing" in {f.kind for f in old}
+    new, summary = gradient_findings(records, start=100, spike_window=50)
+    assert [f.evidence["signal"] for f in new] == ["norm_spike"]
+    assert new[0].step == 110
+    assert summary.decay == pytest.approx(1.0)

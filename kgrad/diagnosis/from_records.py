@@ -102,6 +102,24 @@ def _non_finite_layer_norms(records: GradientRecords) -> np.ndarray:
     return np.where(gradient_less, 0.0, norms)
 
 
+def _rows_from(records: GradientRecords, first: int) -> GradientRecords:
+    """The logged steps from row `first` on, as records of their own."""
+    rows = slice(first, None)
+    clipped = records.clipped_grad_norms
+    clipped_global = records.clipped_global_norms
+    tail = GradientRecords(records.variables, run=records.run)
+    tail.append(
+        step=records.steps[rows],
+        epoch=records.epochs[rows],
+        grad_norm=records.grad_norms[rows],
+        weight_norm=records.weight_norms[rows],
+        global_norm=records.global_norms[rows],
+        clipped_grad_norm=None if clipped is None else clipped[rows],
+        clipped_global_norm=None if clipped_global is None else clipped_global[rows],
+    )
+    return tail
+
+
 @dataclasses.dataclass
 class GradientSummary:
     """The backpropagated-signal profile of some logged steps."""
@@ -137,6 +155,9 @@ def gradient_findings(
     Returns:
         The findings and the profile summary of the judged steps.
     """
+    first = max(0, start - spike_window)  # the spikes' history is all that is needed
+    if first:
+        records, start = _rows_from(records, first), start - first
     steps = records.steps
     findings: list[Finding] = []
     layers, profiles, kind = records_profile(records)
