@@ -2,8 +2,10 @@
 
 Subcommands are registered in `SUBCOMMANDS`, one entry each: a help line, a function
 that adds the subcommand's arguments to its parser, and a function that runs it and
-returns the exit status. To add one (say `demo`, living in `kgrad/demo.py`), add
-`"demo": Subcommand("...", add_demo_args, run_demo)` to the table.
+returns the exit status. Other installed packages add subcommands through the
+`kgrad.commands` entry-point group, each entry naming a `(help, add_arguments, run)`
+triple: `zoo` registers `kgrad demo` that way (`zoo.demo:COMMAND`), so `kgrad` never
+imports `zoo` by name.
 
 Bad input (a missing or unloadable file, a malformed data file) ends with a one-line
 message on stderr and exit status 2, without a traceback.
@@ -246,13 +248,24 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+def plugin_subcommands() -> dict[str, Subcommand]:
+    """Subcommands that installed packages declare in the `kgrad.commands` group."""
+    from importlib.metadata import entry_points
+
+    found = {}
+    for entry in entry_points(group="kgrad.commands"):
+        if entry.name not in SUBCOMMANDS:
+            found[entry.name] = Subcommand(*entry.load())
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `kgrad` argument parser, with one subparser per `SUBCOMMANDS` entry."""
+    """The `kgrad` argument parser, with one subparser per subcommand."""
     parser = argparse.ArgumentParser(
         prog="kgrad", description="Gradient-health diagnostics for Keras models."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in SUBCOMMANDS.items():
+    for name, command in {**plugin_subcommands(), **SUBCOMMANDS}.items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)
