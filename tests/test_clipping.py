@@ -144,7 +144,8 @@ def test_unitwise_norm_follows_keras_kernel_layouts():
 
 def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly():
     weight = np.array([[3.0, 0.0, 1.0], [4.0, 0.0, 0.0]], "float32")  # ‖W_i‖ = 5, 0, 1
-    grad = np.array([[0.03, 1.0, 0.005], [0.04, 0.0, 0.5]], "float32")  # ‖G_i‖ = .05, 1, ~.5
+    # ‖G_i‖ = 0.05, 1, ~0.5
+    grad = np.array([[0.03, 1.0, 0.005], [0.04, 0.0, 0.5]], "float32")
     bias_w, bias_g = np.array([2.0, 0.0], "float32"), np.array([0.01, -0.5], "float32")
     clipped, hit = clip.adaptive_clip(
         [tf.constant(grad), tf.constant(bias_g)],
@@ -169,6 +170,41 @@ def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly():
         [tf.constant(grad)], [tf.constant(weight)], 0.02, skip=[True]
     )
     np.testing.assert_array_equal(skipped[0], grad)
+
+
+def test_agc_on_tensors_of_one_shape_equals_agc_on_each_alone():
+    rng = np.random.default_rng(1)
+    weights = [tf.constant(rng.normal(size=(4, 3)), tf.float32) for _ in range(3)]
+    grads = [tf.constant(rng.normal(size=(4, 3)) * s, tf.float32) for s in (0.01, 1, 10)]
+    together, _ = clip.adaptive_clip(grads, weights, 0.1)
+    for grad, weight, clipped in zip(grads, weights, together):
+        (alone,), _ = clip.adaptive_clip([grad], [weight], 0.1)
+        np.testing.assert_allclose(clipped, alone, rtol=1e-6)
+    np.testing.assert_array_equal(together[0], grads[0])  # all its units under λ
+
+
+def test_agc_handles_conv_kernels_scalars_and_sparse_gradients():
+    rng = np.random.default_rng(2)
+    conv_w = rng.normal(size=(2, 2, 3, 4)).astype("float32")
+    conv_g = (rng.normal(size=(2, 2, 3, 4)) * [0.01, 1.0, 0.01, 5.0]).astype("float32")
+    sparse = tf.IndexedSlices(
+        tf.constant([[1.0, 0.0, 0.0]]), tf.constant([4], tf.int64),
+        tf.constant([5, 3], tf.int64),
+    )
+    table = np.ones((5, 3), "float32")
+    clipped, _ = clip.adaptive_clip(
+        [tf.constant(conv_g), tf.constant(1.0), sparse],
+        [tf.constant(conv_w), tf.constant(2.0), tf.constant(table)],
+        0.1,
+    )
+    w_norm = np.sqrt((conv_w**2).sum(axis=(0, 1, 2)))
+    g_norm = np.sqrt((conv_g**2).sum(axis=(0, 1, 2)))
+    expected = conv_g * np.minimum(1.0, 0.1 * w_norm / g_norm)
+    np.testing.assert_allclose(clipped[0], expected, rtol=1e-5)
+    assert float(clipped[1]) == pytest.approx(0.2)  # |g| = 1 > 0.1 · |w| = 0.2
+    dense = clipped[2].numpy()  # column 0 of the table has norm √5
+    np.testing.assert_allclose(dense[4], [0.1 * np.sqrt(5), 0.0, 0.0], rtol=1e-6)
+    assert np.count_nonzero(dense) == 1
 
 
 # -- the callback in real fits ----------------------------------------------------------
@@ -263,6 +299,19 @@ def test_layer_norm_bounds_every_layer():
     assert (per_layer.pre > 0.5).any()
     assert (per_layer.post <= 0.5 * (1 + 1e-5)).all()
     np.testing.assert_allclose(per_layer.post, np.minimum(per_layer.pre, 0.5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", kgrad.control.CLIP_MODES)
+def test_every_mode_compiles_with_xla(mode):
+    model = _exploding_model()
+    model.compile(keras.optimizers.SGD(0.3), loss="mse", jit_compile=True)
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping(mode, threshold=_THRESHOLDS.get(mode))
+    losses = _fit(model, [logger, clipping], epochs=2).history["loss"]
+    assert np.isfinite(losses).all()
+    post = _clipped_global(logger)
+    if mode == "global_norm":
+        assert (post <= 1.0 + 1e-5).all()
 
 
 def test_clipping_under_mixed_precision_acts_on_unscaled_gradients():

@@ -24,7 +24,9 @@ def _data(n=32, nan_row=None, zero_row=None):
 
 
 def _model(learning_rate=0.01):
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)]
+    )
     model.compile(keras.optimizers.SGD(learning_rate), loss="mse")
     return model
 
@@ -199,12 +201,27 @@ def test_vanishing_patience_counts_consecutive_epochs():
     )
 
 
+def test_vanishing_prefers_the_health_monitor_ratio():
+    stopper, model = _driven(monitor="loss", patience=10, vanishing_patience=1)
+    logs = {"loss": 1.0, "health/first_to_last": 1e-6, "grad_norm/first_to_last": 0.5}
+    assert _run_epochs(stopper, model, [logs]) == 0
+    assert "`health/first_to_last` below" in stopper.stop_reason
+    stopper, model = _driven(monitor="loss", patience=10, vanishing_patience=1,
+                             vanishing_monitor="grad_norm/first_to_last")
+    assert _run_epochs(stopper, model, [logs]) is None
+
+
 def test_missing_keys_are_errors_that_list_the_logs():
     stopper, model = _driven()
     with pytest.raises(ValueError, match=r"`val_loss`.*Available: loss, mae"):
         stopper.on_epoch_end(0, {"loss": 1.0, "mae": 2.0})
     stopper, model = _driven(monitor="loss", vanishing_patience=1)
-    with pytest.raises(ValueError, match=r"grad_norm/first_to_last.*hold: loss.*GradientNormLogger"):
+    with pytest.raises(
+        ValueError, match=r"'health/first_to_last' or 'grad_norm/first_to_last'.*hold: loss"
+    ):
+        stopper.on_epoch_end(0, {"loss": 1.0})
+    stopper, model = _driven(monitor="loss", vanishing_patience=1, vanishing_monitor="r")
+    with pytest.raises(ValueError, match=r"needs 'r' in the logs"):
         stopper.on_epoch_end(0, {"loss": 1.0})
 
 
@@ -247,7 +264,9 @@ def test_deepcopy_before_and_after_fit_trains_and_resets():
     assert after.model is None and after.stop_reason == stopper.stop_reason
     for copied in (before, after):
         _fit(_model(), [copied], x, y)
-        assert copied.stop_reason == "non-finite loss (nan) and gradient at epoch 1, batch 2"
+        assert copied.stop_reason == (
+            "non-finite loss (nan) and gradient at epoch 1, batch 2"
+        )
     clean_x, clean_y = _data()
     _fit(_model(), [after], clean_x, clean_y, epochs=2)
     assert after.stop_reason is None  # per-run state was reset

@@ -227,11 +227,27 @@ def unitwise_norm(value: tf.Tensor) -> tf.Tensor:
     >>> unitwise_norm(tf.constant([[3.0, 1.0], [4.0, 0.0]])).numpy().tolist()
     [[5.0, 1.0]]
     """
+    return _unit_norms(value)
+
+
+def _unit_norms(value: tf.Tensor, keepdims: bool = True) -> tf.Tensor:
     value = tf.cast(value, tf.float32)
-    if value.shape.rank is not None and value.shape.rank <= 1:
+    if value.shape.rank <= 1:
         return tf.abs(value)
+    # Not tf.math.reduce_euclidean_norm: XLA has no kernel for it.
     axes = list(range(value.shape.rank - 1))
-    return tf.sqrt(tf.reduce_sum(tf.square(value), axis=axes, keepdims=True))
+    return tf.sqrt(tf.reduce_sum(tf.square(value), axis=axes, keepdims=keepdims))
+
+
+def _unit_squared_norms(value: tf.Tensor) -> tf.Tensor:
+    # Squared unit norms as a vector (one entry for a scalar): the square roots are
+    # taken once, on all units together, which saves an op per tensor.
+    squares = tf.square(tf.cast(value, tf.float32))
+    if squares.shape.rank == 0:
+        return tf.reshape(squares, [1])
+    if squares.shape.rank == 1:
+        return squares
+    return tf.reduce_sum(squares, axis=list(range(squares.shape.rank - 1)))
 
 
 def adaptive_clip(
@@ -270,19 +286,32 @@ def adaptive_clip(
     [0.01, 0.001]
     """
     skip = [False] * len(gradients) if skip is None else list(skip)
-    clipped: Gradients = []
-    triggered = [tf.constant(False)]
-    for gradient, weight, skipped in zip(gradients, weights, skip):
-        if gradient is None or skipped:
-            clipped.append(gradient)
-            continue
-        if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.convert_to_tensor(gradient)
-        weight_norm = tf.maximum(unitwise_norm(weight), epsilon)
-        grad_norm = unitwise_norm(gradient)
-        max_norm = weight_norm * tf.cast(ratio, tf.float32)
-        trigger = grad_norm > max_norm
-        triggered.append(tf.reduce_any(trigger))
-        scale = tf.where(trigger, max_norm / tf.maximum(grad_norm, _TINY_NORM), 1.0)
-        clipped.append(gradient * tf.cast(scale, gradient.dtype))
-    return clipped, tf.reduce_any(tf.stack(triggered))
+    clipped: Gradients = list(gradients)
+    members = [
+        index
+        for index, (gradient, skipped) in enumerate(zip(gradients, skip))
+        if gradient is not None and not skipped
+    ]
+    if not members:
+        return clipped, tf.constant(False)
+    for index in members:
+        if isinstance(clipped[index], tf.IndexedSlices):
+            clipped[index] = tf.convert_to_tensor(clipped[index])
+    # The per-unit norms of all tensors go into one vector, so that the limit and the
+    # scale are a handful of ops in all (op dispatch dominates small steps on a CPU);
+    # each unit's scale then broadcasts over its tensor's last axis.
+    weight_squares = tf.concat([_unit_squared_norms(weights[i]) for i in members], 0)
+    grad_squares = [_unit_squared_norms(clipped[i]) for i in members]
+    ratio = tf.cast(ratio, tf.float32)
+    # (λ·max(‖W_i‖, ε))² and ‖G_i‖², then the scale min(1, λ·max(‖W_i‖, ε)/‖G_i‖);
+    # min(1, ·) is exactly 1 for the units under the limit: they stay as they are.
+    limit_squares = tf.maximum(weight_squares, epsilon**2) * ratio**2
+    grad_square = tf.maximum(tf.concat(grad_squares, 0), _TINY_NORM**2)
+    scale = tf.minimum(1.0, tf.sqrt(limit_squares / grad_square))
+    sizes = [norm.shape[0] for norm in grad_squares]
+    for index, part in zip(members, tf.split(scale, sizes)):
+        gradient = clipped[index]
+        if gradient.shape.rank == 0:
+            part = tf.reshape(part, [])
+        clipped[index] = gradient * tf.cast(part, gradient.dtype)
+    return clipped, tf.reduce_min(scale) < 1.0

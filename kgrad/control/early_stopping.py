@@ -28,6 +28,11 @@ def gradients_finite(gradients: Sequence[Any]) -> tf.Tensor:
     return tf.reduce_all(tf.stack(checks))
 
 
+# Where the first-to-last ratio comes from, best first: the diagnosis detectors'
+# profile (GradientHealthMonitor), then the logger's bias/total norms.
+_VANISHING_KEYS = ["health/first_to_last", "grad_norm/first_to_last"]
+
+
 class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
     """`keras.callbacks.EarlyStopping` that also stops on NaN, divergence and vanishing.
 
@@ -40,10 +45,12 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
     - `stopping_threshold` / `divergence_threshold`: stop as soon as the monitored
       value reaches the first, or is worse than the second (checked at every epoch
       end, `start_from_epoch` notwithstanding).
-    - `vanishing_patience`: stop when `logs[vanishing_monitor]` (by default the
-      first-to-last layer gradient ratio written by `kgrad.GradientNormLogger`,
-      which must come before this callback) stays below `vanishing_threshold` for
-      that many epochs.
+    - `vanishing_patience`: stop when the first-to-last layer ratio of the
+      backpropagated signal stays below `vanishing_threshold` for that many epochs.
+      The ratio is read from the logs, written there by a callback listed before
+      this one: `health/first_to_last` from `kgrad.GradientHealthMonitor` (the
+      diagnosis detectors' profile) when present, else `grad_norm/first_to_last`
+      from `kgrad.GradientNormLogger`, or the key named by `vanishing_monitor`.
     - With `restore_best_weights`, a stop on a non-finite value restores the best
       weights seen so far, which are finite, or the weights at the start of
       training when no epoch had completed.
@@ -78,10 +85,11 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
             `None`.
         vanishing_patience: Epochs of vanishing gradients before stopping. Defaults
             to `None`, no vanishing check.
-        vanishing_threshold: The gradient ratio below which an epoch counts as
-            vanishing. Defaults to `1e-4`.
-        vanishing_monitor: The logs key holding that ratio. Defaults to
-            `"grad_norm/first_to_last"`.
+        vanishing_threshold: The ratio below which an epoch counts as vanishing.
+            Defaults to `1e-4` (the first layer gets under 1/10,000 of the last
+            layer's signal, which the diagnosis calls critical).
+        vanishing_monitor: The logs key holding that ratio. Defaults to `None`:
+            `health/first_to_last`, else `grad_norm/first_to_last`.
 
     Raises:
         ValueError: for an unknown `mode` or a bad number; at an epoch end when
@@ -124,7 +132,7 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         stopping_threshold: float | None = None,
         vanishing_patience: int | None = None,
         vanishing_threshold: float = 1e-4,
-        vanishing_monitor: str = "grad_norm/first_to_last",
+        vanishing_monitor: str | None = None,
     ):
         if mode not in ("auto", "min", "max"):
             raise ValueError(
@@ -296,20 +304,25 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         self._stop(self._epoch, reason)
 
     def _check_vanishing(self, epoch: int, logs: dict) -> None:
-        if self.vanishing_monitor not in logs:
+        candidates = (
+            [self.vanishing_monitor] if self.vanishing_monitor else _VANISHING_KEYS
+        )
+        key = next((name for name in candidates if name in logs), None)
+        if key is None:
             raise ValueError(
-                f"`vanishing_patience` needs `{self.vanishing_monitor}` in the logs, "
-                f"which hold: {', '.join(logs) or 'nothing'}. Put a "
-                "kgrad.GradientNormLogger before EarlyStopping in `callbacks`, or "
-                "set `vanishing_monitor` to a key that is there."
+                f"`vanishing_patience` needs {' or '.join(map(repr, candidates))} in "
+                f"the logs, which hold: {', '.join(logs) or 'nothing'}. Put a "
+                "kgrad.GradientHealthMonitor or kgrad.GradientNormLogger before "
+                "EarlyStopping in `callbacks`, or set `vanishing_monitor` to a key "
+                "that is there."
             )
-        ratio = float(logs[self.vanishing_monitor])
+        ratio = float(logs[key])
         vanishing = math.isfinite(ratio) and ratio < self.vanishing_threshold
         self._vanishing_wait = self._vanishing_wait + 1 if vanishing else 0
         if self._vanishing_wait >= self.vanishing_patience:
             self._stop(
                 epoch,
-                f"vanishing gradients: `{self.vanishing_monitor}` below "
+                f"vanishing gradients: `{key}` below "
                 f"{self.vanishing_threshold:.3g} for {self._vanishing_wait} epochs "
                 f"({ratio:.3g} at epoch {epoch + 1})",
             )
