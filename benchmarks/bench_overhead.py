@@ -85,6 +85,9 @@ CONFIGS: dict[str, Config] = {
     "plain": (lambda x, y: [], {}),
     "logger": (lambda x, y: [kgrad.GradientNormLogger()], {}),
     "naive": (lambda x, y: [NaiveTapeLogger(x[:BATCH], y[:BATCH])], {}),
+    "global_clipnorm": (lambda x, y: [], {"optimizer": {"global_clipnorm": 1.0}}),
+    "clip_global_norm": (lambda x, y: [kgrad.GradientClipping("global_norm", 1.0)], {}),
+    "clip_agc": (lambda x, y: [kgrad.GradientClipping("agc")], {}),
     "monitor": (
         lambda x, y: [
             kgrad.GradientHealthMonitor(probe_data=x[:256], probe_every_n_steps=50, verbose=0)
