@@ -230,7 +230,10 @@ def test_mirrored_strategy_reports_the_aggregated_gradient():
     weights = single.get_weights()
     expected = _hand_norms(single, x, y)
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # ReductionToOneDevice: collective ops reuse keys across strategies in one process.
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         model = _compile(_mlp())

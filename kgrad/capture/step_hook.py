@@ -54,7 +54,8 @@ class StepContext:
     strategy: tf.distribute.Strategy
 
 
-def _scale(gradient: Any, factor: Any) -> Any:
+def scale_gradient(gradient: Any, factor: Any) -> Any:
+    """Multiplies a dense gradient or `tf.IndexedSlices` by `factor`; `None` stays `None`."""
     if gradient is None:
         return None
     if isinstance(gradient, tf.IndexedSlices):
@@ -227,7 +228,7 @@ class StepHook:
         variables = list(trainable_variables)
         grads = list(grads)
         scale = self._loss_scale()
-        unscaled = grads if scale is None else [_scale(g, 1.0 / scale) for g in grads]
+        unscaled = grads if scale is None else [scale_gradient(g, 1.0 / scale) for g in grads]
 
         replicas = self.strategy.num_replicas_in_sync
         replica_context = tf.distribute.get_replica_context()
@@ -260,9 +261,12 @@ class StepHook:
         if transformed is not aggregated:
             # Each replica hands on its share of the transformed aggregate, so that the
             # optimizer's own sum over replicas yields exactly the transformed gradient.
-            share = 1.0 / replicas if replicas > 1 else 1.0
-            factor = share if scale is None else scale * share
-            grads = [_scale(g, factor) for g in transformed]
+            if scale is None and replicas == 1:
+                grads = transformed
+            else:
+                share = 1.0 / replicas if replicas > 1 else 1.0
+                factor = share if scale is None else scale * share
+                grads = [scale_gradient(g, factor) for g in transformed]
         result = self._original_apply(grads, trainable_variables)
         self.step.assign_add(1)
         return result

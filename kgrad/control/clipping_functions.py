@@ -17,7 +17,7 @@ from typing import Any
 import tensorflow as tf
 
 from kgrad import stats
-from kgrad.capture.step_hook import _scale as scale_gradient
+from kgrad.capture.step_hook import scale_gradient
 
 Gradients = list[Any]
 
