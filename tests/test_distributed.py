@@ -137,7 +137,8 @@ def test_bad_input_fails_before_anything_starts(fake):
         port = busy.getsockname()[1]
         with pytest.raises(ValueError, match=rf"`port={port}` is already in use on 127\.0\.0\.1"):
             distributed.launch(script, port=port)
-    with pytest.raises(ValueError, match=r"`workers` must be an integer >= 1\. Received: workers=0"):
+    workers_rule = r"`workers` must be an integer >= 1\. Received: workers=0"
+    with pytest.raises(ValueError, match=workers_rule):
         distributed.launch(script, workers=0)
     with pytest.raises(ValueError, match=r"`script` must be a Python file"):
         distributed.launch("no_such_script.py")

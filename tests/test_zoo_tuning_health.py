@@ -11,7 +11,6 @@ from keras_tuner import Objective
 
 from kgrad.records.gradient_records import GradientRecords, VariableInfo
 from zoo.tuning import trial_health
-from zoo.tuning.hypermodels import summarize_run
 
 NAN, INF = float("nan"), float("inf")
 
@@ -111,7 +110,9 @@ def test_summarize_run_scores_a_diverged_run_worst_and_writes_the_reason(tmp_pat
                         "val_loss": [2.0, NAN], "val_accuracy": [0.4, 0.1]})
     records = _records(np.ones((2, 3)), [0, 1])
 
-    result = summarize_run(history, records, str(tmp_path), Objective("val_accuracy", "max"))
+    result = trial_health.summarize_run(
+        history, records, str(tmp_path), Objective("val_accuracy", "max")
+    )
 
     assert result["val_accuracy"] == 0.0 and result["val_loss"] == 1e9
     assert (result["diverged"], result["divergence_cause"], result["divergence_epoch"]) == (
@@ -126,8 +127,10 @@ def test_summarize_run_adds_health_columns_to_a_healthy_history(tmp_path):
     history = _history({"loss": [2.0, 1.0], "val_loss": [2.0, 1.5]})
     records = _records([0.5 ** np.arange(4, -1, -1)] * 2, [0, 1])
 
-    result = summarize_run(history, records, str(tmp_path), Objective("val_loss", "min"))
-    summarize_run(_history({"loss": [3.0]}), None, str(tmp_path), None)
+    result = trial_health.summarize_run(
+        history, records, str(tmp_path), Objective("val_loss", "min")
+    )
+    trial_health.summarize_run(_history({"loss": [3.0]}), None, str(tmp_path), None)
 
     assert result is history
     assert result.history["grad_decay_per_layer"] == [pytest.approx(0.5)] * 2

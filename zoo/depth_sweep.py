@@ -32,7 +32,7 @@ import kgrad
 from zoo import datasets
 from zoo.builders import _checks
 from zoo.builders.mlp import build_mlp
-from zoo.tuning.hypermodels import OPTIMIZERS
+from zoo.tuning.base import OPTIMIZERS
 from zoo.tuning.trial_health import gradient_health
 
 COLUMNS: tuple[str, ...] = (
@@ -86,7 +86,7 @@ def depth_sweep(
             applies to `residual` and `residual_bn` only. Defaults to `True`.
         epochs: Epochs per run. Defaults to `5`.
         learning_rate: Defaults to `1e-2`.
-        optimizer: One of `zoo.tuning.hypermodels.OPTIMIZERS`. Defaults to `"adam"`.
+        optimizer: One of `zoo.tuning.base.OPTIMIZERS`. Defaults to `"adam"`.
         verbose: `1` prints one line per run with the accuracies and an ETA. Defaults
             to `1`.
         plot: Also return `plot_depth_sweep(frame)`. Defaults to `False`.
@@ -105,7 +105,9 @@ def depth_sweep(
     >>> frame = depth_sweep(depths=(2, 10), epochs=3)  # doctest: +SKIP
     >>> frame.groupby(["block", "depth"]).train_accuracy.mean()  # doctest: +SKIP
     """
-    blocks = _check_each(blocks, "blocks", lambda b: _checks.check_choice(b, "block", _checks.BLOCKS))
+    blocks = _check_each(
+        blocks, "blocks", lambda b: _checks.check_choice(b, "block", _checks.BLOCKS)
+    )
     depths = _check_each(depths, "depths", lambda v: _checks.check_int(v, "depths"))
     widths = _check_each(widths, "widths", lambda v: _checks.check_int(v, "widths"))
     batch_sizes = _check_each(
@@ -204,7 +206,9 @@ def plot_depth_sweep(frame: pd.DataFrame, metric: str = "train_accuracy", ax=Non
         figure, ax = plt.subplots(figsize=(6, 4))
     else:
         figure = ax.figure
-    extra = [c for c in ("width", "batch_size", "activation") if c in frame and frame[c].nunique() > 1]
+    extra = [
+        c for c in ("width", "batch_size", "activation") if c in frame and frame[c].nunique() > 1
+    ]
     for key, group in frame.groupby(["block", *extra], sort=False):
         key = key if isinstance(key, tuple) else (key,)
         label = key[0] + "".join(f", {name}={value}" for name, value in zip(extra, key[1:]))

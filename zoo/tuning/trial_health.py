@@ -181,6 +181,52 @@ def gradient_health(records: GradientRecords | None) -> dict[str, float]:
     return health
 
 
+def summarize_run(
+    history: keras.callbacks.History,
+    records: GradientRecords | None,
+    trial_dir: str | None = None,
+    objective: Any = None,
+    tuner_id: str | None = None,
+) -> keras.callbacks.History | dict[str, float]:
+    """What `fit` returns to keras-tuner for one run, and the trial file it writes.
+
+    Args:
+        history: The `History` of the run.
+        records: The `GradientRecords` of the run's logger, or None.
+        trial_dir: The trial directory to write `TRIAL_FILE` into. Defaults to `None`
+            (outside a search: nothing written).
+        objective: The tuner's objective, for the direction of the worst score.
+            Defaults to `None` (directions inferred from the metric names).
+        tuner_id: The id of the tuner process that ran it (`chief`, `tuner0`, ...), kept
+            in the trial file. Defaults to `None`.
+
+    Returns:
+        The `History` with constant health columns, or a dict of worst metrics for a
+        diverged run.
+    """
+    # keras-tuner warns on all-NaN metrics; a metric left out reads as NaN in the results.
+    health = {k: v for k, v in gradient_health(records).items() if not math.isnan(v)}
+    divergence = find_divergence(history.history, history.epoch, records)
+    if trial_dir is not None:
+        append_execution(trial_dir, {
+            "epochs": list(history.epoch),
+            "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+            "reason": None if divergence is None else divergence.reason,
+            "tuner_id": tuner_id,
+        })
+    if divergence is None:
+        for name, value in {**health, **NOT_DIVERGED}.items():
+            history.history[name] = [value] * len(history.epoch)
+        return history
+    directions = dict(getattr(objective, "name_to_direction", None) or {})
+    if objective is not None and not directions:
+        directions[objective.name] = objective.direction
+    names = [k for k in history.history if not k.startswith(_LOGGER_PREFIX)]
+    names += [k for k in directions if k not in names and k != "default_objective"]
+    worst = worst_metrics(names, directions)
+    return {**worst, **health, **divergence.metrics()}
+
+
 def worst_metrics(
     names: Sequence[str], directions: Mapping[str, str]
 ) -> dict[str, float]:
