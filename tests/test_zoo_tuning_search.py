@@ -33,11 +33,11 @@ class StepsSpy(keras.callbacks.Callback):
         StepsSpy.seen.append(self.params["steps"])
 
 
-def _search(tuner, digits, **kwargs):
+def _search(tuner, digits, callbacks=(), **kwargs):
     x, y, x_val, y_val = digits
     StepsSpy.seen = []
     tuner.search(x, y, validation_data=(x_val, y_val), verbose=0,
-                 callbacks=[StepsSpy()], **kwargs)
+                 callbacks=[StepsSpy(), *callbacks], **kwargs)
     return zoo.tuner_results(tuner)
 
 
@@ -71,9 +71,10 @@ def test_grid_search_walks_every_combination(digits, tmp_path):
                               learning_rate=1e-2, batch_size=[32, 128])
     tuner = keras_tuner.GridSearch(hypermodel, "val_loss", directory=tmp_path, seed=SEED)
 
-    frame = _search(tuner, digits, epochs=1)
+    # A logger given to search() is deep-copied per trial and used instead of a new one.
+    frame = _search(tuner, digits, epochs=1, callbacks=[kgrad.GradientNormLogger()])
 
-    assert len(frame) == 4
+    assert len(frame) == 4 and frame.grad_decay_per_layer.notna().all()
     assert set(zip(frame.block, frame.batch_size)) == {
         ("plain", 32), ("plain", 128), ("batchnorm", 32), ("batchnorm", 128)
     }
