@@ -195,7 +195,6 @@ class GradientNormLogger(KgradCallback):
             hook, tracked, capacity, self.every_n_steps, self.histogram_every_n_steps
         )
         self._hook = hook
-        self._tensorboard_rows = 0
         self._histogram_step = -1
         self._awaiting_trace = True
         self._host_step = int(model.optimizer.iterations.numpy())
@@ -227,12 +226,12 @@ class GradientNormLogger(KgradCallback):
         if self._probe_function is None:
             self._check_hooked()
             self._host_step = int(self._hook.step.numpy())
-        added = self._flush(epoch)
-        if logs is None or added == 0:
+        chunk = self._flush(epoch)
+        if logs is None or chunk is None:
             return
-        global_norms = self.records.global_norms[-added:]
-        ratios = self.records.first_to_last()[-added:]
-        logs["grad_norm/global"] = float(np.mean(global_norms))
+        added = len(chunk)
+        ratios = chunk.first_to_last()
+        logs["grad_norm/global"] = float(np.mean(chunk.global_norms))
         finite = ratios[~np.isnan(ratios)]
         logs["grad_norm/first_to_last"] = (
             float(np.median(finite)) if finite.size else float("nan")
@@ -290,9 +289,10 @@ class GradientNormLogger(KgradCallback):
 
         return probe
 
-    def _flush(self, epoch: int) -> int:
+    def _flush(self, epoch: int) -> GradientRecords | None:
+        """Moves the buffered rows into the records and the sinks; returns them."""
         if self._buffer is None:
-            return 0
+            return None
         rows, dropped = self._buffer.fetch()
         if dropped:
             warnings.warn(
@@ -302,17 +302,16 @@ class GradientNormLogger(KgradCallback):
                 stacklevel=2,
             )
         if len(rows["step"]) == 0:
-            return 0
+            return None
         chunk = GradientRecords(self.records.variables, run=self.run_id)
         chunk.append(epoch=epoch, **rows)
         self.records.append(epoch=epoch, **rows)
         if self._csv is not None:
             self._csv.write(chunk.to_dataframe())
         if self._tensorboard is not None:
-            self._tensorboard.write_scalars(self.records, self._tensorboard_rows)
-            self._tensorboard_rows = len(self.records)
+            self._tensorboard.write_scalars(chunk, 0)
             step, values = self._buffer.fetch_snapshot()
             if step > self._histogram_step:
                 self._histogram_step = step
                 self._tensorboard.write_histograms(step, values)
-        return len(rows["step"])
+        return chunk

@@ -69,12 +69,25 @@ class NormBuffer:
 
     # -- in the traced step ---------------------------------------------------------
 
-    def _aligned(self, context: StepContext, values: list[Any]) -> list[Any]:
+    def _norms(self, context: StepContext, values: list[Any]) -> tuple[tf.Tensor, tf.Tensor]:
+        """The global norm of `values` and the norms of the tracked ones.
+
+        Every gradient's norm is computed once; the tracked ones are gathered from
+        those, so the global norm costs no second pass over the gradients.
+        """
+        every = stats.norms(values)  # None -> NaN, "no gradient"
+        present = [i for i, value in enumerate(values) if value is not None]
+        if len(present) < len(values):
+            global_norm = stats.global_norm(tf.gather(every, present))
+        else:
+            global_norm = stats.global_norm(every)
         position = {id(variable): i for i, variable in enumerate(context.variables)}
-        return [
-            values[position[id(item.variable)]] if id(item.variable) in position else None
-            for item in self.tracked
-        ]
+        missing = len(values)  # the index of an appended NaN, for untracked variables
+        picks = [position.get(id(item.variable), missing) for item in self.tracked]
+        if picks == list(range(len(values))):
+            return global_norm, every
+        padded = tf.concat([every, [float("nan")]], axis=0)
+        return global_norm, tf.gather(padded, picks)
 
     def _put(self, target: tf.Variable, row: tf.Tensor, value: tf.Tensor) -> None:
         if self._hook.strategy.num_replicas_in_sync > 1:
@@ -91,21 +104,17 @@ class NormBuffer:
             always: Record whatever the step index (probe mode). Defaults to `False`.
         """
         step = tf.cast(context.step, tf.int64)
-        logged = tf.constant(True) if always else tf.equal(step % self.every_n_steps, 0)
+        every_step = always or self.every_n_steps == 1
+        logged = None if every_step else tf.equal(step % self.every_n_steps, 0)
         self.transformed = self.transformed or context.applied is not context.gradients
 
         def record() -> None:
-            grads = self._aligned(context, context.gradients)
-            present = [g for g in context.gradients if g is not None]
-            global_norm = stats.global_norm(stats.norms(present))
-            grad_norms = stats.norms(grads)
+            global_norm, grad_norms = self._norms(context, context.gradients)
             weight_norms = stats.norms([item.variable.value for item in self.tracked])
             if context.applied is context.gradients:
                 clipped_global, clipped_norms = global_norm, grad_norms
             else:
-                applied = [g for g in context.applied if g is not None]
-                clipped_global = stats.global_norm(stats.norms(applied))
-                clipped_norms = stats.norms(self._aligned(context, context.applied))
+                clipped_global, clipped_norms = self._norms(context, context.applied)
             values = tf.concat(
                 [
                     tf.stack([global_norm, clipped_global]),
@@ -115,13 +124,15 @@ class NormBuffer:
                 ],
                 axis=0,
             )
-            count = self.count.read_value()
-            row = tf.where(logged, tf.minimum(count, self.capacity), self.capacity)
+            # Steps that are not logged (and any overflow) write to the scratch row.
+            row = tf.minimum(self.count.read_value(), self.capacity)
+            if logged is not None:
+                row = tf.where(logged, row, self.capacity)
             self._put(self.rows, row, values)
             self._put(self.row_steps, row, step)
-            self.count.assign_add(tf.cast(logged, tf.int64))
+            self.count.assign_add(1 if logged is None else tf.cast(logged, tf.int64))
 
-        if always or self.every_n_steps == 1:
+        if every_step:
             record()  # no branch to trace or run when every step is logged
         else:
             self._hook.when(logged, record)
@@ -130,9 +141,13 @@ class NormBuffer:
             snapshot = tf.equal(step % self.histogram_every_n_steps, 0)
 
             def keep() -> None:
-                for item, target, gradient in zip(
-                    self.tracked, self.snapshots, self._aligned(context, context.gradients)
-                ):
+                position = {id(v): i for i, v in enumerate(context.variables)}
+                for item, target in zip(self.tracked, self.snapshots):
+                    gradient = (
+                        context.gradients[position[id(item.variable)]]
+                        if id(item.variable) in position
+                        else None
+                    )
                     if gradient is None:
                         continue
                     dense = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
