@@ -68,18 +68,18 @@ class DemoSettings:
     Attributes:
         depth: Hidden layers per model. Defaults to `15`.
         width: Units per hidden layer. Defaults to `32`.
-        epochs: Training epochs per model. Defaults to `20`.
+        epochs: Training epochs per model. Defaults to `30`.
         batch_size: Defaults to `64`.
-        learning_rate: SGD learning rate (momentum 0.9). Defaults to `0.02`.
+        learning_rate: SGD learning rate (momentum 0.9). Defaults to `0.01`.
         train_examples: Use only this many training examples (`None`: all 1,437).
         seed: Seed of the initial weights and of the data order. Defaults to `1`.
     """
 
     depth: int = 15
     width: int = 32
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 64
-    learning_rate: float = 0.02
+    learning_rate: float = 0.01
     train_examples: int | None = None
     seed: int = 1
 
@@ -236,6 +236,9 @@ def _write_summary(
         "",
         "![accuracy](accuracy.png)",
         "",
+        "Batch norm's validation accuracy lags its training accuracy until the moving "
+        "statistics (momentum 0.99) settle.",
+        "",
         "## Findings at initialization (`kgrad.diagnose`)",
         "",
     ]
@@ -313,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `kgrad demo` options to `parser`."""
     parser.add_argument("--out", default="kgrad-report", help="report folder (default: kgrad-report)")
     parser.add_argument("--quick", action="store_true", help="a run of seconds (for tests)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 20)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30)")
     parser.add_argument("--depth", type=int, default=None, help="hidden layers (default 15)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
