@@ -120,6 +120,19 @@ def _rows_from(records: GradientRecords, first: int) -> GradientRecords:
     return tail
 
 
+def _may_spike(global_norms: np.ndarray, start: int, factor: float) -> bool:
+    """Whether any norm from row `start` on could be a spike: above `factor` x the
+    smallest finite norm of all the rows (the rolling medians are no smaller).
+
+    A cheap test that spares the rolling medians of `detect_spikes` in a healthy run.
+    """
+    norms = np.asarray(global_norms, dtype=np.float64)
+    finite = norms[np.isfinite(norms)]
+    if finite.size == 0 or norms.size <= start:
+        return False
+    return bool(np.any(norms[start:] > factor * finite.min()))
+
+
 @dataclasses.dataclass
 class GradientSummary:
     """The backpropagated-signal profile of some logged steps."""
@@ -191,13 +204,17 @@ def gradient_findings(
     )
     if non_finite is not None:
         findings.append(non_finite)
-    spike = detect_spikes(
-        records.global_norms,
-        steps,
-        factor=spike_factor,
-        window=spike_window,
-        first_index=start,
-        context=context,
+    spike = (
+        detect_spikes(
+            records.global_norms,
+            steps,
+            factor=spike_factor,
+            window=spike_window,
+            first_index=start,
+            context=context,
+        )
+        if _may_spike(records.global_norms, start, spike_factor)
+        else None
     )
     if spike is not None:
         findings.append(spike)
@@ -223,8 +240,9 @@ def unit_findings(
     Returns:
         The findings (zero, one or two).
     """
-    dead = units.dropna(subset=["dead_units"])
-    saturated = units.dropna(subset=["saturated_fraction"])
+    # Boolean masks rather than `dropna`: this runs at every epoch end of a monitor.
+    dead = units[units["dead_units"].notna()]
+    saturated = units[units["saturated_fraction"].notna()]
     findings = [
         (
             detect_dead_units(dead, context=context, step=step, criterion=criterion)

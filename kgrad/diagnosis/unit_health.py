@@ -155,18 +155,18 @@ class UnitHealth:
 
     def health_values(self) -> dict[str, float]:
         """The dead fraction over all ReLU units and the mean saturated fraction."""
-        table = self.table()
-        relu = table.dropna(subset=["dead_units"])
-        saturating = table.dropna(subset=["saturated_fraction"])
+        counts = [c for c in self.silent_counts if c is not None]
+        saturated = [f for f in self.saturated if f is not None and not np.isnan(f)]
         return {
             "dead_fraction": (
-                float(relu["dead_units"].sum() / relu["units"].sum())
-                if len(relu)
+                float(
+                    sum(int(np.sum(c >= self.dead_after_probes)) for c in counts)
+                    / sum(c.size for c in counts)
+                )
+                if counts
                 else float("nan")
             ),
             "saturated_fraction": (
-                float(saturating["saturated_fraction"].mean())
-                if len(saturating)
-                else float("nan")
+                float(np.mean(saturated)) if saturated else float("nan")
             ),
         }

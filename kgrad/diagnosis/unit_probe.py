@@ -3,9 +3,9 @@
 Called every `probe_every_n_steps` steps by `GradientHealthMonitor`, it (a) passes a
 fixed probe batch through a functional sub-model, returning which ReLU-family units
 fired and the saturated fraction of each sigmoid/tanh site, and (b) measures
-‖w − w_prev‖ and ‖w‖ per layer against a host copy of the weights taken at the previous
-probe. The activation statistics stay tensors until `decode` reads them (at the end of
-the epoch).
+‖w − w_prev‖ and ‖w‖ per layer against a device copy of the weights taken at the
+previous probe. Both happen in one call that returns a few small tensors, read at
+`decode` (at the end of the epoch).
 """
 
 from __future__ import annotations
@@ -79,68 +79,95 @@ class UnitProbe:
             if self.sites
             else None
         )
-        self._previous = [[self._read(v) for v in group] for group in self._groups]
+        # The weights at the previous probe stay on the device, flattened into one
+        # vector: the update norms are one subtraction and two segment sums per probe,
+        # computed in the same call as the forward pass.
+        self._variables = [variable for group in self._groups for variable in group]
+        self._layer_sizes = [
+            sum(int(np.prod(variable.shape)) for variable in group)
+            for group in self._groups
+        ]
+        self._previous = tf.Variable(self._flat_weights(), trainable=False)
         self._x = (
             None if x is None else keras.tree.map_structure(tf.convert_to_tensor, x)
         )
+        self._measure = self._statistics
         self._kernel_inputs: dict[int, tf.Tensor] = {}
         self._calls = 0
         self._null_cache: dict[int, tuple[bytes, float]] = {}
 
-    @staticmethod
-    def _read(variable: Any) -> np.ndarray:
-        return keras.ops.convert_to_numpy(variable).astype(np.float32)
+    def _flat_weights(self) -> tf.Tensor:
+        """Every tracked weight, as one float32 vector in layer order."""
+        if not self._variables:
+            return tf.zeros([0])
+        return tf.concat(
+            [tf.reshape(tf.cast(v.value, tf.float32), [-1]) for v in self._variables],
+            axis=0,
+        )
 
-    def __call__(self) -> tuple[list[tf.Tensor], np.ndarray, np.ndarray]:
-        """Runs the probe.
+    def _statistics(self, x: Any) -> tuple[tf.Tensor, ...]:
+        """The probe in one pass: site statistics, kernel inputs, update norms.
 
-        The forward pass runs eagerly for the first probes (compiling it costs as
-        much as a dozen eager passes, more than all the probes of a short run), and
-        compiled from then on. The weights are compared on the host, in one read per
-        variable.
-
-        Returns:
-            The activation statistics per site (tensors, read at `decode`), and the
-            weight-change and weight norms per layer since the previous probe.
+        Returns small tensors only (besides the kernel inputs of the null model):
+        which units fired at every ReLU-family site, concatenated; the saturated
+        fraction of every sigmoid/tanh site; ‖w − w_prev‖ and ‖w‖ per layer.
         """
-        parts = []
+        active, saturated, kernel_inputs = [], [], []
         if self._reader is not None:
-            self._calls += 1
-            if self._calls == EAGER_PROBES + 1:
-                self._reader = tf.function(self._reader)
-            outputs, _ = self._reader(self._x, training=False)
-            self._kernel_inputs = dict(
-                zip(self._null_layers, outputs[len(self.sites) :])
-            )
+            outputs, _ = self._reader(x, training=False)
+            kernel_inputs = outputs[len(self.sites) :]
             for site, output in zip(self.sites, outputs):
                 flat = tf.cast(tf.reshape(output, [-1, output.shape[-1]]), tf.float32)
                 if site.activation in DEAD_PRONE:
-                    parts.append(tf.reduce_any(flat != 0, axis=0))
+                    active.append(tf.reduce_any(flat != 0, axis=0))
                 else:
                     derivative = (
                         flat * (1.0 - flat)
                         if site.activation == "sigmoid"
                         else 1.0 - flat**2
                     )
-                    parts.append(
+                    saturated.append(
                         tf.reduce_mean(
                             tf.cast(derivative < DERIVATIVE_THRESHOLD, tf.float32)
                         )
                     )
-        deltas, weights = [], []
-        for index, group in enumerate(self._groups):
-            values = [self._read(variable) for variable in group]
-            deltas.append(
-                np.sqrt(
-                    sum(
-                        np.sum(np.square(v - p))
-                        for v, p in zip(values, self._previous[index])
-                    )
-                )
+        weights = self._flat_weights()
+        layer_ids = tf.repeat(tf.range(len(self._layer_sizes)), self._layer_sizes)
+        # Squares summed in float64: a layer may hold millions of weights.
+        delta_norms = tf.sqrt(
+            tf.math.segment_sum(
+                tf.square(tf.cast(weights - self._previous, tf.float64)), layer_ids
             )
-            weights.append(np.sqrt(sum(np.sum(np.square(v)) for v in values)))
-            self._previous[index] = values
-        return parts, np.array(deltas), np.array(weights)
+        )
+        weight_norms = tf.sqrt(
+            tf.math.segment_sum(tf.square(tf.cast(weights, tf.float64)), layer_ids)
+        )
+        self._previous.assign(weights)  # after the read above (same resource)
+        return (
+            tf.concat(active, 0) if active else tf.zeros([0], tf.bool),
+            tf.stack(saturated) if saturated else tf.zeros([0]),
+            list(kernel_inputs),
+            tf.cast(delta_norms, tf.float32),
+            tf.cast(weight_norms, tf.float32),
+        )
+
+    def __call__(self) -> tuple[tf.Tensor, ...]:
+        """Runs the probe.
+
+        One call computes everything on the device and returns small tensors (read
+        at `decode`, at the end of the epoch). It runs eagerly for the first probes
+        (compiling it costs as much as several eager calls, more than all the probes
+        of a short run), and compiled from then on.
+
+        Returns:
+            The probe's statistics, for `decode`.
+        """
+        self._calls += 1
+        if self._calls == EAGER_PROBES + 1:
+            self._measure = tf.function(self._statistics)
+        active, saturated, kernel_inputs, deltas, weights = self._measure(self._x)
+        self._kernel_inputs = dict(zip(self._null_layers, kernel_inputs))
+        return active, saturated, deltas, weights
 
     @property
     def site_infos(self) -> list[SiteInfo]:
@@ -189,11 +216,11 @@ class UnitProbe:
             if mask is None or not mask.any() or bias is None or site.normalized:
                 means.append(float("nan"))
             else:
-                means.append(float(np.mean(keras.ops.convert_to_numpy(bias)[mask])))
+                means.append(float(np.mean(np.asarray(bias.value)[mask])))
         return means
 
     def decode(
-        self, result: tuple[list[tf.Tensor], np.ndarray, np.ndarray]
+        self, result: tuple[tf.Tensor, ...]
     ) -> tuple[list[np.ndarray | None], list[float | None], np.ndarray, np.ndarray]:
         """Unpacks a probe result.
 
@@ -202,11 +229,16 @@ class UnitProbe:
             site: the saturated fraction (sigmoid/tanh) or `None`; the weight-change
             norms per layer; the weight norms per layer.
         """
-        parts, deltas, weights = result
+        active_units, fractions, deltas, weights = (np.asarray(r) for r in result)
         active, saturated = [], []
-        for site, part in zip(self.sites, parts):
-            value = np.asarray(part)
-            dead_prone = site.activation in DEAD_PRONE
-            active.append(value.astype(bool) if dead_prone else None)
-            saturated.append(None if dead_prone else float(value))
+        offset, position = 0, 0
+        for site in self.sites:
+            if site.activation in DEAD_PRONE:
+                active.append(active_units[offset : offset + site.units])
+                saturated.append(None)
+                offset += site.units
+            else:
+                active.append(None)
+                saturated.append(float(fractions[position]))
+                position += 1
         return active, saturated, deltas, weights
