@@ -288,3 +288,38 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_report_before_training_raises():
     with pytest.raises(RuntimeError, match="nothing to report yet"):
         kgrad.GradientHealthMonitor().report()
+
+
+def test_probe_statistics_match_numpy_eager_and_compiled():
+    # The probe computes everything on the device, eagerly for the first probes and
+    # compiled after: both must give the host-computed unit activity and norms.
+    from kgrad.diagnosis.unit_probe import EAGER_PROBES, UnitProbe
+
+    x, _ = _data(64)
+    model = _dead_net(dead=3, width=8)
+    probe = UnitProbe(model, kgrad.track_variables(model), x)
+    rng = np.random.default_rng(1)
+    previous = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    for _ in range(EAGER_PROBES + 2):
+        for variable in model.trainable_variables:
+            step = rng.standard_normal(variable.shape).astype("float32") * 0.01
+            variable.assign(keras.ops.convert_to_numpy(variable) + step)
+        active, saturated, deltas, weights = probe.decode(probe())
+        current = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+        expected_deltas = [
+            np.sqrt(sum(np.sum((current[i] - previous[i]) ** 2) for i in pair))
+            for pair in ((0, 1), (2, 3), (4, 5))
+        ]
+        expected_weights = [
+            np.sqrt(sum(np.sum(current[i] ** 2) for i in pair))
+            for pair in ((0, 1), (2, 3), (4, 5))
+        ]
+        np.testing.assert_allclose(deltas, expected_deltas, rtol=1e-5)
+        np.testing.assert_allclose(weights, expected_weights, rtol=1e-5)
+        previous = current
+        hidden = np.maximum(x @ current[0] + current[1], 0)
+        hidden2 = np.maximum(hidden @ current[2] + current[3], 0)
+        np.testing.assert_array_equal(active[0], (hidden > 0).any(axis=0))
+        np.testing.assert_array_equal(active[1], (hidden2 > 0).any(axis=0))
+        assert saturated == [None, None]
+    assert not active[1][:3].any()  # the units with bias -10 stay silent
