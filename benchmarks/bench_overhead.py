@@ -13,7 +13,8 @@ Three times are measured:
 - `per step`: a longer measurement of the per-step cost with no tracing at all. One model
   per configuration is built and traced once; then rounds of one epoch (128 steps, with
   the callbacks' batch and epoch hooks called as `fit` calls them) alternate between the
-  configurations. This is the figure the ≤ 5% targets are about.
+  configurations. This is the figure the ≤ 5% targets are about; it is given in wall
+  time and in CPU time of the process (less sensitive to what else the machine runs).
 
 Usage:
 
@@ -154,8 +155,8 @@ class WarmSession:
         self.epoch = 0
         self.run_epoch()  # traces the train function (and any probe function)
 
-    def run_epoch(self) -> float:
-        start = time.perf_counter()
+    def run_epoch(self) -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.callbacks.on_epoch_begin(self.epoch)
         logs = {}
         for step in range(self.steps):
@@ -164,7 +165,9 @@ class WarmSession:
             self.callbacks.on_train_batch_end(step, logs)
         self.callbacks.on_epoch_end(self.epoch, dict(logs))
         self.epoch += 1
-        return (time.perf_counter() - start) / self.steps
+        wall = (time.perf_counter() - start) / self.steps
+        cpu = (time.process_time() - cpu_start) / self.steps
+        return wall, cpu
 
 
 def per_step(names: list[str], x: np.ndarray, y: np.ndarray, rounds: int) -> dict:
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = per_step(names, x, y, args.rounds) if args.rounds > 0 else None
     header = (
         f"{'configuration':<18}{'fit s':>7}{'fit ratio':>11}{'steady ratio':>14}"
-        + (f"{'ms/step':>9}{'per-step ratio':>16}" if steps else "")
+        + (f"{'ms/step':>9}{'per-step ratio':>16}{'CPU ratio':>11}" if steps else "")
     )
     print(header)
     print("-" * len(header))
@@ -238,9 +241,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         if steps:
             ratio = statistics.median(
-                t / p for t, p in zip(steps[name], steps["plain"])
+                t[0] / p[0] for t, p in zip(steps[name], steps["plain"])
             )
-            line += f"{1e3 * statistics.median(steps[name]):>9.3f}{ratio:>16.3f}"
+            cpu_ratio = statistics.median(
+                t[1] / p[1] for t, p in zip(steps[name], steps["plain"])
+            )
+            wall_ms = 1e3 * statistics.median(t[0] for t in steps[name])
+            line += f"{wall_ms:>9.3f}{ratio:>16.3f}{cpu_ratio:>11.3f}"
         print(line)
 
 
