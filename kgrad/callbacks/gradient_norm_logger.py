@@ -198,7 +198,9 @@ class GradientNormLogger(KgradCallback):
         self._histogram_step = -1
         self._awaiting_trace = True
         self._host_step = int(model.optimizer.iterations.numpy())
+        self._epoch_first_step = self._host_step
         self._last_probe_bucket = -1
+        self._probe_steps: list[int] = []
         if batch is None:
             hook.add(self, observe=self._buffer.write)
         else:
@@ -221,6 +223,7 @@ class GradientNormLogger(KgradCallback):
         if bucket > self._last_probe_bucket:
             self._last_probe_bucket = bucket
             self._probe_function(tf.constant(step, tf.int64))
+            self._probe_steps.append(step)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self._probe_function is None:
@@ -293,7 +296,9 @@ class GradientNormLogger(KgradCallback):
         """Moves the buffered rows into the records and the sinks; returns them."""
         if self._buffer is None:
             return None
-        rows, dropped = self._buffer.fetch()
+        probe_steps = self._probe_steps if self._probe_function is not None else None
+        rows, dropped = self._buffer.fetch(self._epoch_first_step, probe_steps)
+        self._probe_steps = []
         if dropped:
             warnings.warn(
                 f"GradientNormLogger: {dropped} logged steps of epoch {epoch + 1} did "

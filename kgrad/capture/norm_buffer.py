@@ -50,9 +50,6 @@ class NormBuffer:
         self.rows = hook.make_variable(
             tf.zeros((self.capacity + 1, width), tf.float32), tf.float32, "kgrad_rows"
         )
-        self.row_steps = hook.make_variable(
-            tf.zeros((self.capacity + 1,), tf.int64), tf.int64, "kgrad_row_steps"
-        )
         self.count = hook.make_variable(0, tf.int64, "kgrad_count")
         self.histogram_every_n_steps = histogram_every_n_steps
         self.snapshots: list[tf.Variable] = []
@@ -94,7 +91,7 @@ class NormBuffer:
             # Mirrored variables have no scatter update: rewrite the (small) buffer.
             target.assign(tf.tensor_scatter_nd_update(target, [[row]], [value]))
         else:
-            target.scatter_nd_update([[row]], [value])
+            target[row].assign(value)
 
     def write(self, context: StepContext, always: bool = False) -> None:
         """Records the norms of `context` when its step is a logged one.
@@ -129,7 +126,6 @@ class NormBuffer:
             if logged is not None:
                 row = tf.where(logged, row, self.capacity)
             self._put(self.rows, row, values)
-            self._put(self.row_steps, row, step)
             self.count.assign_add(1 if logged is None else tf.cast(logged, tf.int64))
 
         if every_step:
@@ -162,21 +158,33 @@ class NormBuffer:
         """Empties the buffer (host side, between epochs)."""
         self.count.assign(0)
 
-    def fetch(self) -> tuple[dict[str, np.ndarray], int]:
+    def fetch(
+        self, first_step: int, steps: Sequence[int] | None = None
+    ) -> tuple[dict[str, np.ndarray], int]:
         """Reads the logged rows in one transfer and empties the buffer.
+
+        Rows are written in step order, so their step indices follow from the first
+        step since the last fetch: no per-step write of the step is needed.
+
+        Args:
+            first_step: The index of the first training step since the last fetch.
+            steps: The steps of the rows when they were written by hand (probe mode).
+                Defaults to `None`: the multiples of `every_n_steps` from
+                `first_step` on.
 
         Returns:
             A dict with `step`, `global_norm`, `clipped_global_norm`, `grad_norm`,
-            `weight_norm` and `clipped_grad_norm` arrays (the last two `None` when
+            `weight_norm` and `clipped_grad_norm` arrays (the clipped ones `None` when
             no transform ran), and the number of logged steps that did not fit.
         """
         count = int(self.count.numpy())
         kept = min(count, self.capacity)
         rows = self.rows[:kept].numpy()
-        steps = self.row_steps[:kept].numpy()
         self.reset()
-        order = np.argsort(steps, kind="stable")
-        rows, steps = rows[order], steps[order]
+        if steps is None:
+            start = first_step + (-first_step) % self.every_n_steps
+            steps = start + self.every_n_steps * np.arange(kept)
+        steps = np.asarray(steps, dtype=np.int64)[:kept]
         width = len(self.tracked)
         out = {
             "step": steps,
