@@ -67,7 +67,8 @@ def variable_kind(name: str) -> VariableKind:
     return "other"
 
 
-def _ordered_layers(model: keras.Model) -> list[keras.Layer]:
+def ordered_layers(model: keras.Model) -> list[keras.Layer]:
+    """The direct sublayers of `model` in forward order (topological for functional)."""
     layers = list(getattr(model, "layers", None) or [])
     if not layers:
         layers = [
@@ -79,7 +80,7 @@ def _ordered_layers(model: keras.Model) -> list[keras.Layer]:
 
 def _walk(layer: keras.Layer, prefix: str, out: list[tuple[str, keras.Layer]]) -> None:
     children = (
-        _ordered_layers(layer)
+        ordered_layers(layer)
         if isinstance(layer, keras.Model)
         else list(layer._flatten_layers(include_self=False, recursive=False))
     )
@@ -87,6 +88,22 @@ def _walk(layer: keras.Layer, prefix: str, out: list[tuple[str, keras.Layer]]) -
     out.append((qualified, layer))
     for child in children:
         _walk(child, f"{qualified}/", out)
+
+
+def walk_layers(model: keras.Model) -> list[tuple[str, keras.Layer]]:
+    """Every layer of `model`, nested ones included, with its qualified name.
+
+    Args:
+        model: A built Keras model.
+
+    Returns:
+        `(qualified_name, layer)` pairs in forward order; nested names are joined
+        with `/` (`encoder/dense_1`), parents before their children.
+    """
+    walked: list[tuple[str, keras.Layer]] = []
+    for layer in ordered_layers(model):
+        _walk(layer, "", walked)
+    return walked
 
 
 def layer_names(model: keras.Model) -> list[str]:
@@ -98,10 +115,7 @@ def layer_names(model: keras.Model) -> list[str]:
     Returns:
         The names, nested models joined with `/`.
     """
-    walked: list[tuple[str, keras.Layer]] = []
-    for layer in _ordered_layers(model):
-        _walk(layer, "", walked)
-    return [name for name, _ in walked]
+    return [name for name, _ in walk_layers(model)]
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -149,9 +163,7 @@ def track_variables(
         )
     position = {id(variable): index for index, variable in enumerate(trainable)}
 
-    walked: list[tuple[str, keras.Layer]] = []
-    for layer in _ordered_layers(model):
-        _walk(layer, "", walked)
+    walked = walk_layers(model)
 
     owner: dict[int, str] = {}
     # Innermost owner wins: later (deeper) entries of the walk overwrite their parents.

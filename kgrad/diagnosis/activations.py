@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kgrad.capture.variables import _ordered_layers, _walk
+from kgrad.capture.variables import ordered_layers, walk_layers
 from kgrad.diagnosis.fixes import DEAD_PRONE, SATURATING, NetworkContext
 from kgrad.diagnosis.graph import functional_reason, layer_input, layer_output
 
@@ -137,7 +137,7 @@ def activation_sites(model: keras.Model, every: bool = False) -> list[Activation
     if functional_reason(model) is not None:
         return []
     sites = []
-    for layer in _ordered_layers(model):
+    for layer in ordered_layers(model):
         activation = activation_name(layer)
         if activation is None or activation == "linear":
             continue
@@ -172,9 +172,7 @@ def network_context(model: keras.Model) -> NetworkContext:
     Returns:
         A `NetworkContext` keyed by qualified layer names (as in `track_variables`).
     """
-    walked: list[tuple[str, keras.Layer]] = []
-    for layer in _ordered_layers(model):
-        _walk(layer, "", walked)
+    walked = walk_layers(model)
     context = NetworkContext()
     for qualified, layer in walked:
         kind = type(layer).__name__

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kgrad.capture.variables import TrackedVariable, _ordered_layers, track_variables
+from kgrad.capture.variables import TrackedVariable, ordered_layers, track_variables
 from kgrad.diagnosis.activations import activation_sites, has_kernel
 from kgrad.diagnosis.graph import LayerReader, functional_reason, layer_output
 from kgrad.diagnosis.null_units import null_active_units, null_units_layer
@@ -168,7 +168,7 @@ class _Pass:
         self.sites = activation_sites(model)
         self.kernel_layers = [
             layer
-            for layer in _ordered_layers(model)
+            for layer in ordered_layers(model)
             if has_kernel(layer) and layer_output(model, layer) is not None
         ]
         self.stats = [_SiteStats(site, seed) for site in self.sites]
@@ -179,7 +179,7 @@ class _Pass:
         ]
         tensors += [layer_output(model, layer) for layer in self.kernel_layers]
         self.reader = LayerReader(model, tensors)
-        self._order = {layer.name: i for i, layer in enumerate(_ordered_layers(model))}
+        self._order = {layer.name: i for i, layer in enumerate(ordered_layers(model))}
 
     def run(self, scale: float) -> None:
         """Accumulates gradients of `scale` x the objective, divided back by `scale`."""
