@@ -272,6 +272,17 @@ def test_every_n_steps_and_epoch_logs():
     assert history.history["grad_norm/first_to_last"][1] == pytest.approx(ratios[-1])
 
 
+def test_weight_norms_can_be_left_out():
+    model = _compile(_mlp())
+    x, y = _data()
+    expected = _hand_norms(model, x, y)
+    logger = kgrad.GradientNormLogger(weight_norms=False)
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[logger])
+    for key, norms in _captured(logger).items():
+        np.testing.assert_allclose(norms, expected[key], rtol=1e-5, err_msg=str(key))
+    assert logger.to_dataframe()["weight_norm"].isna().all()
+
+
 def test_first_to_last_uses_bias_norms():
     records = kgrad.GradientRecords(
         [

@@ -323,3 +323,25 @@ def test_probe_statistics_match_numpy():
         np.testing.assert_array_equal(active[1], (hidden2 > 0).any(axis=0))
         assert saturated == [None, None]
     assert not active[1][:3].any()  # the units with bias -10 stay silent
+
+
+def test_own_logger_leaves_weight_norms_to_the_probes():
+    # The monitor's own logger skips the per-step weight norms (half its cost); the
+    # report's per-layer weight norms are the last probe's, exact.
+    x, y = _data(64)
+    model = _dead_net(dead=0, width=8)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    monitor = kgrad.GradientHealthMonitor(probe_data=x, probe_every_n_steps=1, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    frame = monitor.records.to_dataframe()
+    assert frame["weight_norm"].isna().all() and frame["grad_norm"].notna().all()
+    layers = monitor.report().layers.set_index("layer")
+    for layer in model.layers:
+        expected = np.sqrt(
+            sum(np.sum(keras.ops.convert_to_numpy(w) ** 2) for w in layer.weights)
+        )
+        # The last probe ran after the last step.
+        assert layers.loc[layer.name, "weight_norm"] == pytest.approx(expected, rel=1e-5)
+        assert layers.loc[layer.name, "grad_to_weight"] == pytest.approx(
+            layers.loc[layer.name, "grad_norm"] / expected
+        )

@@ -45,7 +45,8 @@ class GradientHealthMonitor(KgradCallback):
     """Watches gradient health during `fit` and says what is wrong, once.
 
     Gradients come from the real training step through a `GradientNormLogger` (its
-    own, or the one given as `logger`); at the end of every epoch the gradient
+    own, which records gradient norms only, leaving weight norms to the probes; or
+    the one given as `logger`); at the end of every epoch the gradient
     detectors run on the epoch's logged steps: vanishing and growth across depth,
     non-finite gradients (first step, first layer), spikes of the global norm against
     a rolling median. Every `probe_every_n_steps` steps a probe measures how far each
@@ -192,6 +193,7 @@ class GradientHealthMonitor(KgradCallback):
             self._context,
             units=self._units,
             update_ratios=(health.update_ratios or None) if health else None,
+            weight_norms=health.weight_norms if health else None,
             dead_criterion=f"{self.dead_after_probes} probes in a row",
             notes=self._notes,
         )
@@ -228,7 +230,11 @@ class GradientHealthMonitor(KgradCallback):
                     "`fit(callbacks=[logger, monitor])`."
                 )
         else:
-            self._own_logger = GradientNormLogger(self.every_n_steps, self.layers)
+            # Weight norms come from the probes: computing them at every step
+            # would be half of the logger's cost.
+            self._own_logger = GradientNormLogger(
+                self.every_n_steps, self.layers, weight_norms=False
+            )
             self._own_logger.set_model(model)
             self._own_logger.set_params(self.params)
             self._own_logger.on_train_begin(logs)

@@ -68,6 +68,9 @@ class GradientNormLogger(KgradCallback):
             end of each epoch). Defaults to `None`, no histograms.
         verbose: `1` prints a line per epoch with the global norm and the ratio.
             Defaults to `0`.
+        weight_norms: Record each variable's weight norm beside its gradient norm.
+            They are about half of the logger's cost per step; `False` records NaN.
+            Defaults to `True`.
 
     Raises:
         ValueError: on a bad argument (before training), or in `on_train_begin` when
@@ -93,6 +96,7 @@ class GradientNormLogger(KgradCallback):
         tensorboard_dir: str | os.PathLike | None = None,
         histogram_every_n_steps: int | None = None,
         verbose: int = 0,
+        weight_norms: bool = True,
     ):
         super().__init__()
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
@@ -133,6 +137,7 @@ class GradientNormLogger(KgradCallback):
             TensorBoardSink(tensorboard_dir) if tensorboard_dir is not None else None
         )
         self.verbose = verbose
+        self.weight_norms = bool(weight_norms)
         # In real-step mode the batch hook only checks, once, that the step was hooked:
         # safe to run asynchronously, so Keras keeps its asynchronous batch dispatch.
         self.async_safe = probe_data is None
@@ -192,7 +197,12 @@ class GradientNormLogger(KgradCallback):
         )
         hook = StepHook.attach(model) if batch is None else StepHook(model)
         self._buffer = NormBuffer(
-            hook, tracked, capacity, self.every_n_steps, self.histogram_every_n_steps
+            hook,
+            tracked,
+            capacity,
+            self.every_n_steps,
+            self.histogram_every_n_steps,
+            self.weight_norms,
         )
         self._hook = hook
         self._histogram_step = -1

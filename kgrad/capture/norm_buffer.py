@@ -32,6 +32,7 @@ class NormBuffer:
         every_n_steps: Log steps whose index is a multiple of this.
         histogram_every_n_steps: Also keep a copy of the gradients of tracked
             variables at these steps (for TensorBoard histograms). `None`: never.
+        weight_norms: Also compute the weight norms (else NaN). Defaults to `True`.
     """
 
     def __init__(
@@ -41,8 +42,10 @@ class NormBuffer:
         capacity: int,
         every_n_steps: int,
         histogram_every_n_steps: int | None = None,
+        weight_norms: bool = True,
     ):
         self.tracked = list(tracked)
+        self.weight_norms = weight_norms
         self.capacity = int(capacity)
         self.every_n_steps = int(every_n_steps)
         self.transformed = False
@@ -107,7 +110,10 @@ class NormBuffer:
 
         def record() -> None:
             global_norm, grad_norms = self._norms(context, context.gradients)
-            weight_norms = stats.norms([item.variable.value for item in self.tracked])
+            if self.weight_norms:
+                weight_norms = stats.norms([item.variable.value for item in self.tracked])
+            else:  # a constant: nothing to compute or read in the step
+                weight_norms = tf.fill([len(self.tracked)], float("nan"))
             if context.applied is context.gradients:
                 clipped_global, clipped_norms = global_norm, grad_norms
             else:

@@ -264,6 +264,7 @@ def diagnose_records(
     *,
     units: pd.DataFrame | None = None,
     update_ratios: Mapping[str, float] | None = None,
+    weight_norms: Mapping[str, float] | None = None,
     dead_criterion: str = "probe set",
     notes: list[str] | None = None,
 ) -> Report:
@@ -277,6 +278,9 @@ def diagnose_records(
             saturated fractions), as the monitor measures them. Defaults to `None`.
         update_ratios: ‖Δw‖/‖w‖ per layer and step, for stalled layers; defaults to
             `None`, using the gradient-to-weight ratio instead.
+        weight_norms: ‖w‖ per layer, for the layers whose records hold no weight
+            norms (the monitor's logger leaves them to its probes). Defaults to
+            `None`.
         dead_criterion: How dead units in `units` were established, for the
             message. Defaults to `"probe set"`.
         notes: Notes to carry into the report. Defaults to `None`.
@@ -292,6 +296,10 @@ def diagnose_records(
         records = GradientRecords.from_dataframe(records)
     findings, summary = gradient_findings(records, context)
     table = layer_table(records)
+    if weight_norms:
+        missing = table["weight_norm"].isna()
+        table.loc[missing, "weight_norm"] = table.loc[missing, "layer"].map(weight_norms)
+        table["grad_to_weight"] = table["grad_norm"] / table["weight_norm"]
     measure = "update-to-weight" if update_ratios is not None else "gradient-to-weight"
     ratios = (
         update_ratios

@@ -68,6 +68,7 @@ class UnitHealth:
         self.silent_counts: list[np.ndarray | None] = [None] * len(self.sites)
         self.saturated: list[float | None] = [None] * len(self.sites)
         self.update_ratios: dict[str, float] = {}
+        self.weight_norms: dict[str, float] = {}  # ‖w‖ per layer at the last probe
         self.probes = 0
         # The weights were first copied before `first_step` ran.
         self.last_step = first_step - 1
@@ -100,9 +101,12 @@ class UnitHealth:
                 )
             if fraction is not None:
                 self.saturated[index] = float(fraction)
+        self.weight_norms = {
+            layer: float(norm) for layer, norm in zip(self.layers, weight_norms)
+        }
         ratios = update_ratios(
             dict(zip(self.layers, delta_norms)),
-            dict(zip(self.layers, weight_norms)),
+            self.weight_norms,
             max(1, step - self.last_step),
         )
         for layer, value in ratios.items():
