@@ -142,7 +142,8 @@ def test_unitwise_norm_follows_keras_kernel_layouts():
     np.testing.assert_array_equal(clip.unitwise_norm(tf.constant([-2.0, 3.0])), [2.0, 3.0])
 
 
-def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly():
+@pytest.mark.parametrize("fused", [True, False])  # EuclideanNorm, or XLA's ops
+def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly(fused):
     weight = np.array([[3.0, 0.0, 1.0], [4.0, 0.0, 0.0]], "float32")  # ‖W_i‖ = 5, 0, 1
     # ‖G_i‖ = 0.05, 1, ~0.5
     grad = np.array([[0.03, 1.0, 0.005], [0.04, 0.0, 0.5]], "float32")
@@ -152,6 +153,7 @@ def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly():
         [tf.constant(weight), tf.constant(bias_w)],
         ratio=0.02,
         epsilon=1e-3,
+        fused=fused,
     )
     assert bool(hit)
     clipped_kernel = clipped[0].numpy()

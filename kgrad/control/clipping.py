@@ -320,6 +320,7 @@ class GradientClipping(KgradCallback):
                 threshold,
                 self.epsilon,
                 skip,
+                fused=not self.model.jit_compile,  # traced with the step: its setting
             )
         self._clipped_steps.assign_add(tf.cast(hit, tf.int64))
         return clipped
