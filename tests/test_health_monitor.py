@@ -83,6 +83,9 @@ def test_dead_units_over_probes_in_a_row_with_exact_count():
     # Judged at each epoch end, as of the epoch's last probe (steps 0, 2, 4, 6 | ...).
     assert [f.step for f in dead] == [6, 14]
     assert dead[0].evidence["negative_bias"] is True
+    # Dead units get no gradient: their biases are still the -10 they started at.
+    units = monitor.report().units.set_index("site")
+    assert units.loc["d1", "dead_bias_mean"] == pytest.approx(-10.0)
     # Announced once although found at both epoch ends.
     announced = [w for w in caught if issubclass(w.category, GradientHealthWarning)]
     assert sum("dead_units" in str(w.message) for w in announced) == 1
