@@ -24,13 +24,19 @@ Usage:
     python benchmarks/bench_overhead.py               # all configurations, 5 repetitions
     python benchmarks/bench_overhead.py --reps 3 --only plain logger naive
     python benchmarks/bench_overhead.py --rounds 0     # skip the per-step measurement
+    python benchmarks/bench_overhead.py --processes 3  # medians and ranges over 3 fresh
+                                                       # processes (placement varies)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -196,6 +202,67 @@ def per_step(
     return seconds
 
 
+METRICS = ("fit s", "fit ratio", "steady ratio", "ms/step", "per-step ratio", "CPU ratio")
+
+
+def measure(names: list[str], reps: int, rounds: int, instances: int) -> dict:
+    """{configuration: {metric: value}} from one process (medians over repetitions)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(EXAMPLES, FEATURES)).astype("float32")
+    y = rng.integers(0, CLASSES, size=EXAMPLES)
+    run_once("plain", x, y, seed=0)  # warm-up: imports, thread pools
+
+    totals = {n: [] for n in names}
+    steady = {n: [] for n in names}
+    for rep in range(reps):
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            total, steady_seconds = run_once(name, x, y, seed=rep)
+            totals[name].append(total)
+            steady[name].append(steady_seconds)
+        print(f"repetition {rep + 1}/{reps} done", flush=True)
+    steps = per_step(names, x, y, rounds, instances) if rounds > 0 else None
+
+    def ratio(values: dict, name: str, index: int | None = None) -> float:
+        pick = (lambda v: v) if index is None else (lambda v: v[index])
+        return statistics.median(
+            pick(t) / pick(p) for t, p in zip(values[name], values["plain"])
+        )
+
+    results = {}
+    for name in names:
+        row = {
+            "fit s": statistics.median(totals[name]),
+            "fit ratio": ratio(totals, name),
+            "steady ratio": ratio(steady, name),
+        }
+        if steps:
+            row["ms/step"] = 1e3 * statistics.median(t[0] for t in steps[name])
+            row["per-step ratio"] = ratio(steps, name, 0)
+            row["CPU ratio"] = ratio(steps, name, 1)
+        results[name] = row
+    return results
+
+
+def print_table(runs: list[dict]) -> None:
+    """Medians over processes, with their range when there are several."""
+    names = list(runs[0])
+    metrics = [m for m in METRICS if m in runs[0][names[0]]]
+    width = 22 if len(runs) > 1 else 14
+    header = f"{'configuration':<18}" + "".join(f"{m:>{width}}" for m in metrics)
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        line = f"{name:<18}"
+        for metric in metrics:
+            values = [run[name][metric] for run in runs]
+            cell = f"{statistics.median(values):.3f}"
+            if len(runs) > 1:
+                cell += f" ({min(values):.2f}-{max(values):.2f})"
+            line += f"{cell:>{width}}"
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
@@ -209,6 +276,14 @@ def main(argv: list[str] | None = None) -> None:
         help="instances per configuration in the per-step measurement (default 3)",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="repeat everything in this many fresh processes; report medians and "
+        "ranges over them (default 1)",
+    )
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--only", nargs="*", default=None, help=f"configurations: {list(CONFIGS)}"
     )
     args = parser.parse_args(argv)
@@ -219,56 +294,30 @@ def main(argv: list[str] | None = None) -> None:
     if "plain" not in names:
         names = ["plain", *names]
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(EXAMPLES, FEATURES)).astype("float32")
-    y = rng.integers(0, CLASSES, size=EXAMPLES)
-    run_once("plain", x, y, seed=0)  # warm-up: imports, thread pools
-
-    totals = {n: [] for n in names}
-    steady = {n: [] for n in names}
-    for rep in range(args.reps):
-        order = names if rep % 2 == 0 else names[::-1]
-        for name in order:
-            total, steady_seconds = run_once(name, x, y, seed=rep)
-            totals[name].append(total)
-            steady[name].append(steady_seconds)
-        print(f"repetition {rep + 1}/{args.reps} done", flush=True)
-
+    if args.processes > 1:
+        runs = []
+        with tempfile.TemporaryDirectory() as folder:
+            for process in range(args.processes):
+                path = os.path.join(folder, f"{process}.json")
+                command = [sys.executable, os.path.abspath(__file__), "--json", path]
+                command += ["--reps", str(args.reps), "--rounds", str(args.rounds)]
+                command += ["--instances", str(args.instances), "--only", *names]
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                with open(path) as file:
+                    runs.append(json.load(file))
+                print(f"process {process + 1}/{args.processes} done", flush=True)
+    else:
+        runs = [measure(names, args.reps, args.rounds, args.instances)]
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump(runs[0], file)
+            return
     print(
         f"\n{DEPTH}-layer {WIDTH}-wide ReLU MLP, {EXAMPLES} examples, batch {BATCH}, "
-        f"{EPOCHS} epochs, {args.reps} repetitions, {os.cpu_count()} CPUs, "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}\n"
+        f"{EPOCHS} epochs, {args.reps} repetitions, {args.processes} process(es), "
+        f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}, Keras {keras.__version__}\n"
     )
-    steps = (
-        per_step(names, x, y, args.rounds, args.instances) if args.rounds > 0 else None
-    )
-    header = (
-        f"{'configuration':<18}{'fit s':>7}{'fit ratio':>11}{'steady ratio':>14}"
-        + (f"{'ms/step':>9}{'per-step ratio':>16}{'CPU ratio':>11}" if steps else "")
-    )
-    print(header)
-    print("-" * len(header))
-    for name in names:
-        fit_ratio = statistics.median(
-            t / p for t, p in zip(totals[name], totals["plain"])
-        )
-        steady_ratio = statistics.median(
-            t / p for t, p in zip(steady[name], steady["plain"])
-        )
-        line = (
-            f"{name:<18}{statistics.median(totals[name]):>7.2f}"
-            f"{fit_ratio:>11.3f}{steady_ratio:>14.3f}"
-        )
-        if steps:
-            ratio = statistics.median(
-                t[0] / p[0] for t, p in zip(steps[name], steps["plain"])
-            )
-            cpu_ratio = statistics.median(
-                t[1] / p[1] for t, p in zip(steps[name], steps["plain"])
-            )
-            wall_ms = 1e3 * statistics.median(t[0] for t in steps[name])
-            line += f"{wall_ms:>9.3f}{ratio:>16.3f}{cpu_ratio:>11.3f}"
-        print(line)
+    print_table(runs)
 
 
 if __name__ == "__main__":
