@@ -81,20 +81,21 @@ class UnitProbe:
             if self.sites
             else None
         )
-        # The weights at the previous probe stay on the device, flattened into one
-        # vector: the update norms are one subtraction and two segment sums per probe,
-        # computed in the same call as the forward pass (few ops: tracing the probe
-        # costs about a third of a millisecond per op, once per `fit`).
+        # The weights at the previous probe stay on the device, one copy per variable:
+        # the update norms are a subtraction and two `l2_loss` per variable, computed
+        # in the same call as the forward pass. (One flat copy would take fewer ops to
+        # trace but costs more per probe: a concatenation of every weight and segment
+        # sums over them.)
         self._variables = [variable for group in self._groups for variable in group]
-        self._layer_sizes = [
-            sum(int(np.prod(variable.shape)) for variable in group)
-            for group in self._groups
+        self._layer_ids = [
+            layer for layer, group in enumerate(self._groups) for _ in group
         ]
-        self._previous = tf.Variable(self._flat_weights(), trainable=False)
-        sizes = [int(np.prod(variable.shape)) for variable in self._variables]
-        self._offsets = {
-            id(variable): int(start)
-            for variable, start in zip(self._variables, np.cumsum([0, *sizes[:-1]]))
+        self._previous = [
+            tf.Variable(tf.cast(variable.value, tf.float32), trainable=False)
+            for variable in self._variables
+        ]
+        self._copies = {
+            id(variable): copy for variable, copy in zip(self._variables, self._previous)
         }
         self._x = (
             None if x is None else keras.tree.map_structure(tf.convert_to_tensor, x)
@@ -107,15 +108,6 @@ class UnitProbe:
         self._measure = tf.function(self._statistics, autograph=False)
         self._kernel_inputs: dict[int, tf.Tensor] = {}
         self._null_cache: dict[int, tuple[bytes, float]] = {}
-
-    def _flat_weights(self) -> tf.Tensor:
-        """Every tracked weight, as one float32 vector in layer order."""
-        if not self._variables:
-            return tf.zeros([0])
-        return tf.concat(
-            [tf.reshape(tf.cast(v.value, tf.float32), [-1]) for v in self._variables],
-            axis=0,
-        )
 
     def _statistics(self, x: Any) -> tuple[tf.Tensor, ...]:
         """The probe in one pass: site statistics, kernel inputs, update norms.
@@ -143,16 +135,19 @@ class UnitProbe:
                             tf.cast(derivative < DERIVATIVE_THRESHOLD, tf.float32)
                         )
                     )
-        weights = self._flat_weights()
-        layer_ids = tf.repeat(tf.range(len(self._layer_sizes)), self._layer_sizes)
-        # Float32 sums (relative error ~1e-4 even for millions of weights, far below
-        # what separates a stalled layer): float64 copies would double the memory
-        # traffic, which is most of this part of the probe.
-        delta_norms = tf.sqrt(
-            tf.math.segment_sum(tf.square(weights - self._previous), layer_ids)
-        )
-        weight_norms = tf.sqrt(tf.math.segment_sum(tf.square(weights), layer_ids))
-        self._previous.assign(weights)  # after the read above (same resource)
+        delta_halves, weight_halves = [], []
+        for variable, previous in zip(self._variables, self._previous):
+            weight = tf.cast(variable.value, tf.float32)
+            delta_halves.append(tf.nn.l2_loss(weight - previous))
+            weight_halves.append(tf.nn.l2_loss(weight))
+            previous.assign(weight)  # after the reads above (same resource)
+        if delta_halves:
+            delta_norms, weight_norms = (
+                tf.sqrt(2.0 * tf.math.segment_sum(tf.stack(halves), self._layer_ids))
+                for halves in (delta_halves, weight_halves)
+            )
+        else:
+            delta_norms = weight_norms = tf.zeros([0])
         return (
             tf.concat(active, 0) if active else tf.zeros([0], tf.bool),
             tf.stack(saturated) if saturated else tf.zeros([0]),
@@ -220,21 +215,14 @@ class UnitProbe:
         Args:
             dead: Per site, the boolean mask of dead units, or `None`.
         """
-        means, weights = [], None
+        means = []
         for site, mask in zip(self.sites, dead):
             bias = getattr(site.kernel_layer, "bias", None)
             if mask is None or not mask.any() or bias is None or site.normalized:
                 means.append(float("nan"))
                 continue
-            if id(bias) in self._offsets:
-                # The copy taken at the last probe, which found the units dead: one
-                # transfer for every site instead of a read per bias.
-                if weights is None:
-                    weights = self._previous.numpy()
-                start = self._offsets[id(bias)]
-                values = weights[start : start + int(np.prod(bias.shape))]
-            else:
-                values = np.asarray(bias.value)
+            # The copy taken at the last probe, which found the units dead.
+            values = np.asarray(self._copies.get(id(bias), bias))
             means.append(float(np.mean(values[mask])))
         return means
 
