@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,6 +50,9 @@ import tensorflow as tf  # noqa: E402
 import kgrad  # noqa: E402
 
 DEPTH, WIDTH, EXAMPLES, BATCH, EPOCHS, FEATURES, CLASSES = 20, 128, 8192, 64, 3, 64, 10
+
+# The benchmark model has dead units: the monitor's findings are not the point here.
+warnings.simplefilter("ignore", kgrad.GradientHealthWarning)
 
 
 class NaiveTapeLogger(keras.callbacks.Callback):

@@ -5,7 +5,10 @@ The public names are re-exported here; the modules behind them are private.
 
 from kgrad import records, stats
 from kgrad import diagnosis, plots
-from kgrad.callbacks.gradient_health_monitor import GradientHealthMonitor
+from kgrad.callbacks.gradient_health_monitor import (
+    GradientHealthMonitor,
+    GradientHealthWarning,
+)
 from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
 from kgrad.capture.probe import probe_gradients
 from kgrad.capture.step_hook import StepContext, StepHook
@@ -26,6 +29,7 @@ __all__ = [
     "Finding",
     "GradientClipping",
     "GradientHealthMonitor",
+    "GradientHealthWarning",
     "GradientNormLogger",
     "GradientRecords",
     "LearningRateWarmup",
