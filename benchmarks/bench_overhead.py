@@ -10,14 +10,14 @@ Three times are measured:
 - `fit`: the whole `fit()` call, tracing included (on this model the one-off trace of the
   train function is most of a 3-epoch fit on 2 CPUs);
 - `steady`: the epochs after the first inside that same fit (no tracing);
-- `per step`: a longer measurement of the per-step cost with no tracing at all. One model
-  per configuration is built and traced once; then rounds of one epoch (128 steps, with
-  the callbacks' batch and epoch hooks called as `fit` calls them) alternate between the
-  configurations. This is the figure the ≤ 5% targets are about; it is given in wall
-  time and in CPU time of the process (less sensitive to what else the machine runs).
-  Two instances of the very same configuration differ by up to ±5% per step (where
-  TensorFlow happens to place their buffers), so each configuration runs as several
-  instances (`--instances`) and a round's time is their mean.
+- `per step`: a longer measurement of the per-step cost with no tracing at all. Every
+  configuration's train function is traced on one shared model (same variables,
+  optimizer and input pipeline: two separate models of one configuration differ by up to
+  ±5% per step, where TensorFlow happens to place their buffers); then rounds of one
+  epoch (128 steps, with the callbacks' batch and epoch hooks called as `fit` calls
+  them) alternate between the configurations, on `--instances` shared models. This is
+  the figure the per-step targets are about; it is given in wall time and in CPU time
+  of the process.
 
 Usage:
 
@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kgrad  # noqa: E402
+from kgrad.capture.step_hook import StepHook  # noqa: E402
 
 DEPTH, WIDTH, EXAMPLES, BATCH, EPOCHS, FEATURES, CLASSES = 20, 128, 8192, 64, 3, 64, 10
 
@@ -141,42 +142,63 @@ def run_once(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float,
     return total, sum(timer.seconds[1:])
 
 
-class WarmSession:
-    """One traced model and its callbacks, run epoch by epoch outside `fit`."""
+class SharedModel:
+    """One traced model on which every configuration's train function is traced.
 
-    def __init__(self, name: str, x: np.ndarray, y: np.ndarray):
-        make_callbacks, compile_kwargs = CONFIGS[name]
-        self.model = build_model(0)
-        self.model.compile(
-            optimizer=keras.optimizers.SGD(0.01, **compile_kwargs.get("optimizer", {})),
+    Rounds switch `model.train_function` (and the callbacks) between configurations:
+    they share the variables, the optimizer and the input pipeline, so the comparison
+    is free of where TensorFlow happened to place each model's buffers (two separate
+    models of one configuration differ by up to ±5% per step on this machine).
+    """
+
+    def __init__(self, names: list[str], x: np.ndarray, y: np.ndarray):
+        self.model = model = build_model(0)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-        self.model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0)
+        model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0)
         self.steps = EXAMPLES // BATCH
-        self.callbacks = keras.callbacks.CallbackList(
-            make_callbacks(x, y),
-            model=self.model,
-            add_history=True,
-            add_progbar=False,
-            epochs=1_000_000,
-            steps=self.steps,
-            verbose=0,
-        )
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
         self.iterator = iter(dataset)
-        self.callbacks.on_train_begin()
-        self.epoch = 0
-        self.run_epoch()  # traces the train function (and any probe function)
+        self.functions, self.callbacks, self.epoch = {}, {}, 0
+        for name in names:
+            make_callbacks, compile_kwargs = CONFIGS[name]
+            options = compile_kwargs.get("optimizer", {})
+            for key, value in options.items():  # read when the step is traced
+                setattr(model.optimizer, key, value)
+            callbacks = keras.callbacks.CallbackList(
+                make_callbacks(x, y),
+                model=model,
+                add_history=True,
+                add_progbar=False,
+                epochs=1_000_000,
+                steps=self.steps,
+                verbose=0,
+            )
+            callbacks.on_train_begin()
+            model.make_train_function(force=True)
+            self.functions[name], self.callbacks[name] = model.train_function, callbacks
+            self.run_epoch(name)  # traces it (and any probe function)
+            for key in options:
+                setattr(model.optimizer, key, None)
+            # The next configuration is traced without this one's step participants;
+            # this one's function keeps them (a traced function does not change).
+            hook = StepHook.attach(model)
+            hook._observers.clear()
+            hook._transforms.clear()
 
-    def run_epoch(self) -> tuple[float, float]:
+    def run_epoch(self, name: str) -> tuple[float, float]:
+        """One epoch of `name`: (wall, CPU) seconds per step."""
+        callbacks, function = self.callbacks[name], self.functions[name]
         start, cpu_start = time.perf_counter(), time.process_time()
-        self.callbacks.on_epoch_begin(self.epoch)
+        callbacks.on_epoch_begin(self.epoch)
         logs = {}
         for step in range(self.steps):
-            self.callbacks.on_train_batch_begin(step)
-            logs = self.model.train_function(self.iterator)
-            self.callbacks.on_train_batch_end(step, logs)
-        self.callbacks.on_epoch_end(self.epoch, dict(logs))
+            callbacks.on_train_batch_begin(step)
+            logs = function(self.iterator)
+            callbacks.on_train_batch_end(step, logs)
+        callbacks.on_epoch_end(self.epoch, dict(logs))
         self.epoch += 1
         wall = (time.perf_counter() - start) / self.steps
         cpu = (time.process_time() - cpu_start) / self.steps
@@ -186,23 +208,24 @@ class WarmSession:
 def per_step(
     names: list[str], x: np.ndarray, y: np.ndarray, rounds: int, instances: int
 ) -> dict:
-    """Per round and configuration: the mean (wall, CPU) seconds per step of its instances."""
-    sessions = {}
-    for copy in range(instances):
-        for name in names:
-            keras.utils.set_random_seed(0)
-            sessions[name, copy] = WarmSession(name, x, y)
-    order = list(sessions)
+    """Per round and configuration: the mean (wall, CPU) seconds per step over the
+    shared models, the configurations alternating on each."""
+    models = []
+    for _ in range(instances):
+        keras.utils.set_random_seed(0)
+        models.append(SharedModel(names, x, y))
     seconds = {name: [] for name in names}
     for round_ in range(rounds):
-        times = {}
-        for key in order if round_ % 2 == 0 else order[::-1]:
-            times[key] = sessions[key].run_epoch()
+        order = names if round_ % 2 == 0 else names[::-1]
+        times = {name: [] for name in names}
+        for shared in models:
+            for name in order:
+                times[name].append(shared.run_epoch(name))
         for name in names:
-            own = [times[name, copy] for copy in range(instances)]
-            seconds[name].append(tuple(np.mean(own, axis=0)))
-    for session in sessions.values():
-        session.callbacks.on_train_end()
+            seconds[name].append(tuple(np.mean(times[name], axis=0)))
+    for shared in models:
+        for callbacks in shared.callbacks.values():
+            callbacks.on_train_end()
     return seconds
 
 
@@ -277,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         "--instances",
         type=int,
         default=3,
-        help="instances per configuration in the per-step measurement (default 3)",
+        help="shared models in the per-step measurement (default 3)",
     )
     parser.add_argument(
         "--processes",
