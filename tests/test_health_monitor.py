@@ -348,3 +348,19 @@ def test_own_logger_leaves_weight_norms_to_the_probes():
         assert layers.loc[layer.name, "grad_to_weight"] == pytest.approx(
             layers.loc[layer.name, "grad_norm"] / expected
         )
+
+
+def test_probes_with_steps_per_execution_follow_the_steps_that_ran():
+    # Batch hooks come every 4 steps: a probe runs before each execution (after the
+    # previous one's last step) and at the epoch end, labelled with that step.
+    x, y = _data()
+    model = _dead_net(dead=6)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", steps_per_execution=4)
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=x, probe_every_n_steps=2, dead_after_probes=2, verbose=0
+    )
+    model.fit(x, y, batch_size=32, epochs=1, callbacks=[monitor], verbose=0)
+    assert monitor.unit_health.probes == 2  # after steps 3 and 7 of 0..7
+    dead = [f for f in monitor.findings if f.kind == "dead_units"]
+    assert [f.step for f in dead] == [7]
+    assert dead[0].evidence["dead_units"] == {"d1": 6}

@@ -273,7 +273,8 @@ class GradientHealthMonitor(KgradCallback):
         if self._own_logger is not None:
             self._own_logger.on_epoch_end(epoch, logs)
         if self._batches_begun:  # the probe due after the epoch's last step
-            self._probe_if_due(self._epoch_first_step + self._batches_begun - 1)
+            last = int(self.model.optimizer.iterations.numpy()) - 1
+            self._probe_if_due(max(last, self._epoch_first_step))
         new = self._judge()
         if logs is not None:
             summary = self._summary
