@@ -21,6 +21,7 @@ from kgrad.capture.variables import TrackedVariable
 from kgrad.diagnosis.activations import activation_sites
 from kgrad.diagnosis.graph import LayerReader
 from kgrad.diagnosis.null_units import (
+    GaussianUnits,
     has_null_model,
     null_active_units,
     null_units_layer,
@@ -71,7 +72,7 @@ class UnitProbe:
             and not site.normalized
             and has_null_model(site.kernel_layer)
         ]
-        self._null_layers: dict[int, keras.Layer] = {}
+        self._null_layers: dict[int, keras.Layer | GaussianUnits] = {}
         self._reader = (
             LayerReader(
                 model,
@@ -101,10 +102,8 @@ class UnitProbe:
             None if x is None else keras.tree.map_structure(tf.convert_to_tensor, x)
         )
         # Compiled at the first probe. Eager probes cost ~35 ms each on a 20-layer
-        # MLP, a compiled one ~2 ms; running eagerly first would save the one-off
-        # trace only in runs of a dozen probes, and eager calls hold the GIL for
-        # long (the probe runs in Keras's asynchronous batch-end thread, beside the
-        # training loop).
+        # MLP, a compiled one ~2 ms: running eagerly first would save the one-off
+        # trace only in runs of a dozen probes.
         self._measure = tf.function(self._statistics, autograph=False)
         self._kernel_inputs: dict[int, tf.Tensor] = {}
         self._null_cache: dict[int, tuple[bytes, float]] = {}
