@@ -17,13 +17,42 @@ from kgrad import stats
 from kgrad.capture.step_hook import StepContext, StepHook
 from kgrad.capture.variables import TrackedVariable
 
+# The half-square written for a tracked variable that got no gradient: no real
+# half-square is negative, so the host reads it back as NaN ("no gradient").
+_ABSENT = -1.0
+
+
+def _half_square(value: Any) -> tf.Tensor:
+    """Half the squared L2 norm of a dense tensor or `tf.IndexedSlices`, as float32."""
+    if isinstance(value, tf.IndexedSlices):
+        return 0.5 * tf.square(stats.tensor_norm(value))
+    return tf.nn.l2_loss(tf.cast(value, tf.float32))
+
+
+def _roots(halves: np.ndarray) -> np.ndarray:
+    """Norms from half-squares; `_ABSENT` becomes NaN, NaN and inf stay as they are."""
+    halves = halves.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(halves < 0, np.nan, np.sqrt(2.0 * np.maximum(halves, 0.0)))
+
+
+def _global_roots(halves: np.ndarray) -> np.ndarray:
+    """Per row, the global norm of half-squares (`_ABSENT` entries left out)."""
+    halves = halves.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        present = np.where(halves < 0, 0.0, halves)
+    return np.sqrt(2.0 * present.sum(axis=1))
+
 
 class NormBuffer:
     """Rows of gradient and weight norms for the logged steps of one epoch.
 
     Row layout: `[global, clipped_global, grad x V, weight x V, clipped x V]` for the
-    `V` tracked variables. One extra scratch row takes the writes of steps that are
-    not logged (and any overflow), so the traced step never branches on a write.
+    `V` tracked variables, each held as a halved squared norm (one `L2Loss` per tensor
+    in the step; roots on the host). The two global slots are filled in the step only
+    when some variables are not tracked; otherwise the host sums the tracked ones. One
+    extra scratch row takes the writes of steps that are not logged (and any overflow),
+    so the traced step never branches on a write.
 
     Args:
         hook: The step hook that owns the strategy (for mirrored variables).
@@ -49,6 +78,7 @@ class NormBuffer:
         self.capacity = int(capacity)
         self.every_n_steps = int(every_n_steps)
         self.transformed = False
+        self.global_on_host = True  # set when the step is traced
         width = 2 + 3 * len(self.tracked)
         self.rows = hook.make_variable(
             tf.zeros((self.capacity + 1, width), tf.float32), tf.float32, "kgrad_rows"
@@ -69,32 +99,34 @@ class NormBuffer:
 
     # -- in the traced step ---------------------------------------------------------
 
-    def _norms(self, context: StepContext, values: list[Any]) -> tuple[tf.Tensor, tf.Tensor]:
-        """The global norm of `values` and the norms of the tracked ones.
+    def _halves(self, context: StepContext, values: list[Any]) -> tuple[Any, list[Any]]:
+        """The halved squared norms of the tracked `values`, and of all of them summed.
 
-        Every gradient's norm is computed once; the tracked ones are gathered from
-        those, so the global norm costs no second pass over the gradients.
+        Halved squares are what one `L2Loss` op yields per tensor; the square roots and
+        the global norm are taken on the host when the buffer is fetched, which keeps
+        the traced step to one reduction per tensor. A tracked variable with no gradient
+        gets `_ABSENT` (read back as NaN); the global half-sum is `None` when it follows
+        from the tracked halves on the host (every variable of the step tracked).
         """
-        every = stats.norms(values)  # None -> NaN, "no gradient"
-        present = [i for i, value in enumerate(values) if value is not None]
-        if len(present) < len(values):
-            global_norm = stats.global_norm(tf.gather(every, present))
-        else:
-            global_norm = stats.global_norm(every)
+        halves = [None if value is None else _half_square(value) for value in values]
         position = {id(variable): i for i, variable in enumerate(context.variables)}
-        missing = len(values)  # the index of an appended NaN, for untracked variables
-        picks = [position.get(id(item.variable), missing) for item in self.tracked]
+        picks = [position.get(id(item.variable)) for item in self.tracked]
+        absent = tf.constant(_ABSENT)
+        tracked = [absent if i is None or halves[i] is None else halves[i] for i in picks]
         if picks == list(range(len(values))):
-            return global_norm, every
-        padded = tf.concat([every, [float("nan")]], axis=0)
-        return global_norm, tf.gather(padded, picks)
+            return None, tracked
+        present = [half for half in halves if half is not None]
+        total = tf.add_n(present) if present else tf.constant(0.0)
+        return total, tracked
 
     def _put(self, target: tf.Variable, row: tf.Tensor, value: tf.Tensor) -> None:
         if self._hook.strategy.num_replicas_in_sync > 1:
             # Mirrored variables have no scatter update: rewrite the (small) buffer.
             target.assign(tf.tensor_scatter_nd_update(target, [[row]], [value]))
         else:
-            target[row].assign(value)
+            target.scatter_update(
+                tf.IndexedSlices(tf.expand_dims(value, 0), tf.expand_dims(row, 0))
+            )
 
     def write(self, context: StepContext, always: bool = False) -> None:
         """Records the norms of `context` when its step is a logged one.
@@ -109,24 +141,23 @@ class NormBuffer:
         self.transformed = self.transformed or context.applied is not context.gradients
 
         def record() -> None:
-            global_norm, grad_norms = self._norms(context, context.gradients)
-            if self.weight_norms:
-                weight_norms = stats.norms([item.variable.value for item in self.tracked])
-            else:  # a constant: nothing to compute or read in the step
-                weight_norms = tf.fill([len(self.tracked)], float("nan"))
+            total, grads = self._halves(context, context.gradients)
             if context.applied is context.gradients:
-                clipped_global, clipped_norms = global_norm, grad_norms
+                clipped_total, clipped = total, grads
             else:
-                clipped_global, clipped_norms = self._norms(context, context.applied)
-            values = tf.concat(
-                [
-                    tf.stack([global_norm, clipped_global]),
-                    grad_norms,
-                    weight_norms,
-                    clipped_norms,
-                ],
-                axis=0,
-            )
+                clipped_total, clipped = self._halves(context, context.applied)
+            self.global_on_host = total is None
+            if self.weight_norms:
+                weights = [_half_square(item.variable.value) for item in self.tracked]
+            else:  # nothing to compute or read in the step; ignored on the host
+                weights = grads
+            # One `Pack` of scalars: slots the host ignores repeat a computed value.
+            filler = grads[0] if grads else tf.constant(0.0)
+            head = [
+                filler if total is None else total,
+                filler if clipped_total is None else clipped_total,
+            ]
+            values = tf.stack(head + grads + weights + clipped)
             # Steps that are not logged (and any overflow) write to the scratch row.
             row = tf.minimum(self.count.read_value(), self.capacity)
             if logged is not None:
@@ -192,13 +223,23 @@ class NormBuffer:
             steps = start + self.every_n_steps * np.arange(kept)
         steps = np.asarray(steps, dtype=np.int64)[:kept]
         width = len(self.tracked)
+        grads = rows[:, 2 : 2 + width]
+        clipped = rows[:, 2 + 2 * width :]
+        if self.global_on_host:  # every variable of the step is tracked
+            global_norm, clipped_global = _global_roots(grads), _global_roots(clipped)
+        else:
+            global_norm, clipped_global = _roots(rows[:, 0]), _roots(rows[:, 1])
+        if self.weight_norms:
+            weight_norm = _roots(rows[:, 2 + width : 2 + 2 * width])
+        else:
+            weight_norm = np.full_like(grads, np.nan, dtype=np.float64)
         out = {
             "step": steps,
-            "global_norm": rows[:, 0],
-            "clipped_global_norm": rows[:, 1] if self.transformed else None,
-            "grad_norm": rows[:, 2 : 2 + width],
-            "weight_norm": rows[:, 2 + width : 2 + 2 * width],
-            "clipped_grad_norm": rows[:, 2 + 2 * width :] if self.transformed else None,
+            "global_norm": global_norm,
+            "clipped_global_norm": clipped_global if self.transformed else None,
+            "grad_norm": _roots(grads),
+            "weight_norm": weight_norm,
+            "clipped_grad_norm": _roots(clipped) if self.transformed else None,
         }
         return out, count - kept
 
