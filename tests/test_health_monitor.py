@@ -71,7 +71,11 @@ class Synchronous(keras.callbacks.Callback):
 def test_dead_units_over_probes_in_a_row_with_exact_count():
     x, y = _data()
     monitor = kgrad.GradientHealthMonitor(
-        probe_data=(x, y), probe_every_n_steps=2, dead_after_probes=3, verbose=0
+        probe_data=(x, y),
+        probe_every_n_steps=2,
+        dead_after_probes=3,
+        verbose=0,
+        max_judge_share=None,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -114,7 +118,7 @@ def test_silent_units_of_a_healthy_deep_relu_net_are_not_dead():
 
 def test_vanishing_during_fit_is_found_and_announced_once(capsys):
     x, y = _data()
-    monitor = kgrad.GradientHealthMonitor(verbose=1)
+    monitor = kgrad.GradientHealthMonitor(verbose=1, max_judge_share=None)
     history = _sigmoid_net().fit(
         x, y, batch_size=32, epochs=3, callbacks=[monitor], verbose=0
     )
@@ -130,6 +134,96 @@ def test_vanishing_during_fit_is_found_and_announced_once(capsys):
     report = monitor.report()
     assert "vanishing" in report.kinds
     assert report.layers["activation"].iloc[0] == "sigmoid"
+
+
+class FakeClock:
+    """Stands in for the `time` module: time moves only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class Tick(keras.callbacks.Callback):
+    """Each epoch takes `seconds` of the fake clock (listed before the monitor)."""
+
+    def __init__(self, clock, seconds):
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.clock.now += self.seconds
+
+
+def _slow_diagnosis(monkeypatch, monitor, seconds):
+    """Each diagnosis of `monitor` takes `seconds` of a fake clock; returns it."""
+    from kgrad.callbacks import gradient_health_monitor as module
+
+    clock = FakeClock()
+    monkeypatch.setattr(module, "time", clock)
+    run = monitor._run_detectors
+
+    def slow():
+        clock.now += seconds
+        return run()
+
+    monkeypatch.setattr(monitor, "_run_detectors", slow)
+    return clock
+
+
+def test_diagnosis_keeps_to_its_share_of_training_time(monkeypatch):
+    x, y = _data()
+    # A 1 s diagnosis after 0.01 s epochs: over 2% of the time, so after the first
+    # epoch it waits; the end of training judges what was left, with its own step.
+    monitor = kgrad.GradientHealthMonitor(verbose=0, max_judge_share=0.02)
+    clock = _slow_diagnosis(monkeypatch, monitor, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientHealthWarning)
+        history = _sigmoid_net().fit(
+            x, y, batch_size=32, epochs=3, callbacks=[Tick(clock, 0.01), monitor],
+            verbose=0,
+        )
+    vanishing = [f for f in monitor.findings if f.kind == "vanishing"]
+    assert [f.step for f in vanishing] == [7, 23]
+    assert history.history["health/findings"] == [1.0, 0.0, 0.0]
+    decay = history.history["health/decay"]
+    assert decay[1] == decay[0] == decay[2]  # the last diagnosis's values, repeated
+
+    # 50 s epochs: 2% of them is the 1 s diagnosis, so every epoch is judged.
+    monitor = kgrad.GradientHealthMonitor(verbose=0, max_judge_share=0.02)
+    clock = _slow_diagnosis(monkeypatch, monitor, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientHealthWarning)
+        _sigmoid_net().fit(
+            x, y, batch_size=32, epochs=3, callbacks=[Tick(clock, 50.0), monitor],
+            verbose=0,
+        )
+    assert [f.step for f in monitor.findings if f.kind == "vanishing"] == [7, 15, 23]
+
+
+def test_non_finite_gradients_are_judged_at_once_whatever_the_budget(monkeypatch):
+    class PoisonSecondEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                kernel = keras.ops.convert_to_numpy(self.model.layers[0].kernel)
+                kernel[0, 0] = np.nan
+                self.model.layers[0].kernel.assign(kernel)
+
+    x, y = _data()
+    monitor = kgrad.GradientHealthMonitor(verbose=0, max_judge_share=0.02)
+    clock = _slow_diagnosis(monkeypatch, monitor, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = _sigmoid_net().fit(
+            x, y, batch_size=32, epochs=3,
+            callbacks=[PoisonSecondEpoch(), Tick(clock, 0.01), monitor], verbose=0,
+        )
+    non_finite = [f for f in monitor.findings if f.kind == "non_finite"]
+    assert non_finite[0].step == 8  # the second epoch's first step
+    # judged at the second epoch's end, not left to the end of training
+    assert history.history["health/findings"][1] >= 1
 
 
 class SqrtOfSquare(keras.layers.Layer):
@@ -275,6 +369,11 @@ def test_probe_data_that_does_not_fit_fails_before_training():
         ),
         ({"dead_after_probes": 1.5}, "`dead_after_probes` must be a positive integer"),
         ({"spike_factor": 1.0}, "`spike_factor` must be a number greater than 1"),
+        (
+            {"max_judge_share": 0},
+            r"`max_judge_share` must be a number in \(0, 1\] .* or `None` \(judge "
+            r"every epoch\). Received: max_judge_share=0",
+        ),
         ({"logger": "yes"}, "`logger` must be a `kgrad.GradientNormLogger`"),
         (
             {"logger": kgrad.GradientNormLogger(), "every_n_steps": 5},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,12 @@ HEALTH_KEYS = (
 )
 
 
+# By default the epoch-end diagnosis may take this share of the training time: on
+# short epochs (a few hundred fast steps) it runs every few epochs instead of every
+# one. Its cost is fixed per call (a few milliseconds), the epochs' is not.
+MAX_JUDGE_SHARE = 0.02
+
+
 class GradientHealthWarning(UserWarning):
     """A gradient-health problem found during training."""
 
@@ -63,6 +70,13 @@ class GradientHealthMonitor(KgradCallback):
     sites) and `health/findings` (findings made this epoch); NaN where unknown. The
     logger's `grad_norm/global` and `grad_norm/first_to_last` come along.
 
+    The epoch-end diagnosis costs a few milliseconds. When epochs are so short that
+    this would exceed `max_judge_share` of the training time, it waits for later
+    epoch ends (judging everything logged and probed in between, with each finding's
+    own step; the health values in `logs` then repeat those of the last diagnosis).
+    The first epoch, an epoch with a non-finite gradient and the end of training
+    are always judged.
+
     Args:
         probe_data: Probe inputs `x`, or `(x, y)` / `(x, y, sample_weight)` of which
             only `x` is used (a few hundred examples). Defaults to `None`: no unit
@@ -81,6 +95,9 @@ class GradientHealthMonitor(KgradCallback):
         spike_window: Logged steps in the rolling median. Defaults to `50`.
         verbose: `1` prints each new finding with its first fix; `0` issues
             warnings instead. Defaults to `1`.
+        max_judge_share: The largest share of training wall time the epoch-end
+            diagnosis may take, in (0, 1]; `None` judges at every epoch end.
+            Defaults to `0.02`.
 
     Raises:
         ValueError: on a bad argument; in `on_train_begin`, when the model is not
@@ -110,8 +127,20 @@ class GradientHealthMonitor(KgradCallback):
         spike_factor: float = SPIKE_FACTOR,
         spike_window: int = SPIKE_WINDOW,
         verbose: int = 1,
+        max_judge_share: float | None = MAX_JUDGE_SHARE,
     ):
         super().__init__()
+        if max_judge_share is not None and (
+            isinstance(max_judge_share, bool)
+            or not isinstance(max_judge_share, (int, float))
+            or not 0 < max_judge_share <= 1
+        ):
+            raise ValueError(
+                "`max_judge_share` must be a number in (0, 1] (the share of training "
+                "time the epoch-end diagnosis may take) or `None` (judge every "
+                f"epoch). Received: max_judge_share={max_judge_share!r}"
+            )
+        self.max_judge_share = max_judge_share
         self.probe_every_n_steps = check_positive_int(
             probe_every_n_steps, "probe_every_n_steps"
         )
@@ -250,8 +279,11 @@ class GradientHealthMonitor(KgradCallback):
         self._batches_begun = 0
         self._summary = None
         self._log = FindingLog()
+        self._judge_seconds: float | None = None  # the last diagnosis's duration
+        self._trained_seconds = 0.0  # epochs' time since the last diagnosis
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.perf_counter()
         self._epoch_first_step = int(self.model.optimizer.iterations.numpy())
         self._batches_begun = 0
         if self._own_logger is not None:
@@ -270,12 +302,15 @@ class GradientHealthMonitor(KgradCallback):
             self._own_logger.on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._trained_seconds += time.perf_counter() - getattr(
+            self, "_epoch_start", time.perf_counter()
+        )
         if self._own_logger is not None:
             self._own_logger.on_epoch_end(epoch, logs)
         if self._batches_begun:  # the probe due after the epoch's last step
             last = int(self.model.optimizer.iterations.numpy()) - 1
             self._probe_if_due(max(last, self._epoch_first_step))
-        new = self._judge()
+        new = self._judge() if self._judge_due() else []
         if logs is not None:
             summary = self._summary
             units = self.unit_health.health_values()
@@ -319,8 +354,31 @@ class GradientHealthMonitor(KgradCallback):
             self._last_bucket = bucket
             self._pending.append((step, self._probe()))
 
+    def _judge_due(self) -> bool:
+        """Whether the epoch-end diagnosis fits the time budget (or cannot wait)."""
+        if self.max_judge_share is None or self._judge_seconds is None:
+            return True
+        if self._trained_seconds * self.max_judge_share >= self._judge_seconds:
+            return True
+        records = self.records
+        if records is not None and len(records) > self._rows_seen:
+            # Non-finite gradients are news that cannot wait.
+            return not np.isfinite(records.global_norms[self._rows_seen :]).all()
+        return False
+
     def _judge(self) -> list[Finding]:
         """Runs the detectors on what arrived since the last call; announces news."""
+        start = time.perf_counter()
+        findings = self._run_detectors()
+        for finding in findings:
+            if self._log.add(finding):
+                self._announce(finding)
+        self._judge_seconds = time.perf_counter() - start
+        self._trained_seconds = 0.0
+        return findings
+
+    def _run_detectors(self) -> list[Finding]:
+        """The findings on what arrived since the last call."""
         records = self.records
         findings: list[Finding] = []
         if records is not None and len(records) > self._rows_seen:
@@ -356,9 +414,6 @@ class GradientHealthMonitor(KgradCallback):
                 step=step,
             )
             findings += [stalled] if stalled is not None else []
-        for finding in findings:
-            if self._log.add(finding):
-                self._announce(finding)
         return findings
 
     def _announce(self, finding: Finding) -> None:

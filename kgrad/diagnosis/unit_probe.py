@@ -122,7 +122,9 @@ class UnitProbe:
             for site, output in zip(self.sites, outputs):
                 flat = tf.cast(tf.reshape(output, [-1, output.shape[-1]]), tf.float32)
                 if site.activation in DEAD_PRONE:
-                    active.append(tf.reduce_any(flat != 0, axis=0))
+                    # ReLU and ReLU6 outputs are never negative: a unit fired for
+                    # some example exactly when its largest output is positive.
+                    active.append(tf.reduce_max(flat, axis=0) > 0)
                 else:
                     derivative = (
                         flat * (1.0 - flat)
