@@ -165,10 +165,11 @@ class NormBuffer:
             self._put(self.rows, row, values)
             self.count.assign_add(1 if logged is None else tf.cast(logged, tf.int64))
 
-        if every_step:
-            record()  # no branch to trace or run when every step is logged
-        else:
-            self._hook.when(logged, record)
+        # No branch for the steps that are not logged: they write the scratch row.
+        # A branch reading the weights would hold back every weight's update until
+        # all gradients were measured (the update must follow the branch's reads):
+        # measured, it cost more than the norms it skipped.
+        record()
 
         if self.snapshots:
             snapshot = tf.equal(step % self.histogram_every_n_steps, 0)
