@@ -40,7 +40,7 @@ HEALTH_KEYS = (
 # By default the epoch-end diagnosis may take this share of the training time: on
 # short epochs (a few hundred fast steps) it runs every few epochs instead of every
 # one. Its cost is fixed per call (a few milliseconds), the epochs' is not.
-MAX_JUDGE_SHARE = 0.02
+MAX_JUDGE_SHARE = 0.01
 
 
 class GradientHealthWarning(UserWarning):
@@ -97,7 +97,7 @@ class GradientHealthMonitor(KgradCallback):
             warnings instead. Defaults to `1`.
         max_judge_share: The largest share of training wall time the epoch-end
             diagnosis may take, in (0, 1]; `None` judges at every epoch end.
-            Defaults to `0.02`.
+            Defaults to `0.01`.
 
     Raises:
         ValueError: on a bad argument; in `on_train_begin`, when the model is not

@@ -217,7 +217,7 @@ class NormBuffer:
         """
         count = int(self.count.numpy())
         kept = min(count, self.capacity)
-        rows = self.rows[:kept].numpy()
+        rows = self.rows.numpy()[:kept]  # one read, no slicing op
         self.reset()
         if steps is None:
             start = first_step + (-first_step) % self.every_n_steps
