@@ -162,6 +162,10 @@ class SharedModel:
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
         self.iterator = iter(dataset)
         self.functions, self.callbacks, self.epoch = {}, {}, 0
+        # Each configuration counts its own steps, as in a `fit` of its own: the
+        # callbacks schedule work by step (probes every 50 steps, logged steps), and
+        # the shared optimizer's counter also advances in the other rounds.
+        self.iterations: dict[str, int] = {}
         for name in names:
             make_callbacks, compile_kwargs = CONFIGS[name]
             options = compile_kwargs.get("optimizer", {})
@@ -191,6 +195,8 @@ class SharedModel:
     def run_epoch(self, name: str) -> tuple[float, float]:
         """One epoch of `name`: (wall, CPU) seconds per step."""
         callbacks, function = self.callbacks[name], self.functions[name]
+        iterations = self.model.optimizer.iterations
+        iterations.assign(self.iterations.get(name, int(iterations.numpy())))
         start, cpu_start = time.perf_counter(), time.process_time()
         callbacks.on_epoch_begin(self.epoch)
         logs = {}
@@ -199,9 +205,10 @@ class SharedModel:
             logs = function(self.iterator)
             callbacks.on_train_batch_end(step, logs)
         callbacks.on_epoch_end(self.epoch, dict(logs))
-        self.epoch += 1
         wall = (time.perf_counter() - start) / self.steps
         cpu = (time.process_time() - cpu_start) / self.steps
+        self.epoch += 1
+        self.iterations[name] = int(iterations.numpy())
         return wall, cpu
 
 
