@@ -15,7 +15,8 @@ Three times are measured:
   optimizer and input pipeline: two separate models of one configuration differ by up to
   ±5% per step, where TensorFlow happens to place their buffers); then rounds of one
   epoch (128 steps, with the callbacks' batch and epoch hooks called as `fit` calls
-  them) alternate between the configurations, on `--instances` shared models. This is
+  them, each configuration counting its own steps) alternate between the
+  configurations, on `--instances` shared models. This is
   the figure the per-step targets are about; it is given in wall time and in CPU time
   of the process.
 
