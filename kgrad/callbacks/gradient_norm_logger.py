@@ -73,8 +73,7 @@ class GradientNormLogger(KgradCallback):
             Defaults to `0`.
         weight_norms: Record each variable's weight norm beside its gradient norm.
             They are about a third of the logger's cost per step; `False` records
-            NaN.
-            Defaults to `True`.
+            NaN. Defaults to `True`.
 
     Raises:
         ValueError: on a bad argument (before training), or in `on_train_begin` when
