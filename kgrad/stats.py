@@ -35,12 +35,29 @@ def tensor_norm(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
     return tf.sqrt(tf.reduce_sum(tf.square(value)))
 
 
+def half_square(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+    """Half the squared L2 norm of a dense or sparse tensor, as a float32 scalar.
+
+    One op (`tf.nn.l2_loss`) for a dense tensor: in a small model the train step's
+    time is mostly per-op dispatch, so norms are taken as half-squares and their
+    square roots later, once for all.
+
+    Args:
+        value: A tensor or `tf.IndexedSlices`.
+
+    Returns:
+        A float32 scalar tensor.
+    """
+    if isinstance(value, tf.IndexedSlices):
+        return 0.5 * tf.square(tensor_norm(value))
+    return tf.nn.l2_loss(tf.cast(value, tf.float32))
+
+
 def norms(values: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
     """L2 norms of several tensors, stacked into one float32 vector.
 
-    Each dense tensor costs one reduction op (`tf.nn.l2_loss`, the sum of squares
-    halved) and the square roots are taken once for all: in a small model the train
-    step's time is mostly per-op dispatch, not arithmetic.
+    Each dense tensor costs one reduction op (`half_square`) and the square roots are
+    taken once for all.
 
     Args:
         values: Tensors (or `None`, recorded as NaN: the variable got no gradient).
@@ -50,14 +67,10 @@ def norms(values: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
     """
     if not values:
         return tf.zeros((0,), tf.float32)
-    halves = []
-    for value in values:
-        if value is None:
-            halves.append(tf.constant(float("nan")))
-        elif isinstance(value, tf.IndexedSlices):
-            halves.append(0.5 * tf.square(tensor_norm(value)))
-        else:
-            halves.append(tf.nn.l2_loss(tf.cast(value, tf.float32)))
+    halves = [
+        tf.constant(float("nan")) if value is None else half_square(value)
+        for value in values
+    ]
     return tf.sqrt(2.0 * tf.stack(halves))
 
 

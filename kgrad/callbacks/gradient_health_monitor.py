@@ -281,6 +281,7 @@ class GradientHealthMonitor(KgradCallback):
         self._log = FindingLog()
         self._judge_seconds: float | None = None  # the last diagnosis's duration
         self._trained_seconds = 0.0  # epochs' time since the last diagnosis
+        self._epoch_start = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_start = time.perf_counter()
@@ -302,9 +303,7 @@ class GradientHealthMonitor(KgradCallback):
             self._own_logger.on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._trained_seconds += time.perf_counter() - getattr(
-            self, "_epoch_start", time.perf_counter()
-        )
+        self._trained_seconds += time.perf_counter() - self._epoch_start
         if self._own_logger is not None:
             self._own_logger.on_epoch_end(epoch, logs)
         if self._batches_begun:  # the probe due after the epoch's last step

@@ -22,13 +22,6 @@ from kgrad.capture.variables import TrackedVariable
 _ABSENT = -1.0
 
 
-def _half_square(value: Any) -> tf.Tensor:
-    """Half the squared L2 norm of a dense tensor or `tf.IndexedSlices`, as float32."""
-    if isinstance(value, tf.IndexedSlices):
-        return 0.5 * tf.square(stats.tensor_norm(value))
-    return tf.nn.l2_loss(tf.cast(value, tf.float32))
-
-
 def _roots(halves: np.ndarray) -> np.ndarray:
     """Norms from half-squares; `_ABSENT` becomes NaN, NaN and inf stay as they are."""
     halves = halves.astype(np.float64)
@@ -108,11 +101,15 @@ class NormBuffer:
         gets `_ABSENT` (read back as NaN); the global half-sum is `None` when it follows
         from the tracked halves on the host (every variable of the step tracked).
         """
-        halves = [None if value is None else _half_square(value) for value in values]
+        halves = [
+            None if value is None else stats.half_square(value) for value in values
+        ]
         position = {id(variable): i for i, variable in enumerate(context.variables)}
         picks = [position.get(id(item.variable)) for item in self.tracked]
         absent = tf.constant(_ABSENT)
-        tracked = [absent if i is None or halves[i] is None else halves[i] for i in picks]
+        tracked = [
+            absent if i is None or halves[i] is None else halves[i] for i in picks
+        ]
         if picks == list(range(len(values))):
             return None, tracked
         present = [half for half in halves if half is not None]
@@ -148,7 +145,9 @@ class NormBuffer:
                 clipped_total, clipped = self._halves(context, context.applied)
             self.global_on_host = total is None
             if self.weight_norms:
-                weights = [_half_square(item.variable.value) for item in self.tracked]
+                weights = [
+                    stats.half_square(item.variable.value) for item in self.tracked
+                ]
             else:  # nothing to compute or read in the step; ignored on the host
                 weights = grads
             # One `Pack` of scalars: slots the host ignores repeat a computed value.
