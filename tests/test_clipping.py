@@ -231,6 +231,18 @@ def test_logger_shows_pre_clip_above_and_post_clip_at_most_the_threshold():
     assert history["clip/threshold"] == [1.0, 1.0]
 
 
+def test_logger_every_n_steps_records_pre_and_post_clip_norms():
+    logger = kgrad.GradientNormLogger(every_n_steps=2)
+    clipping = kgrad.GradientClipping("global_norm", threshold=1.0)
+    _fit(_exploding_model(), [logger, clipping], epochs=2)
+    pre, post = np.asarray(logger.records.global_norms), _clipped_global(logger)
+    assert np.unique(logger.records.steps % 2).tolist() == [0]
+    assert (pre > 1.0).any()
+    np.testing.assert_allclose(post, np.minimum(pre, 1.0), rtol=1e-5)
+    per_variable = logger.to_dataframe()
+    assert (per_variable.clipped_grad_norm <= per_variable.grad_norm + 1e-6).all()
+
+
 def test_threshold_changes_mid_training_without_a_retrace():
     traces = []
 

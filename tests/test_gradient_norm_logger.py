@@ -282,6 +282,62 @@ def test_every_n_steps_and_epoch_logs():
     assert history.history["grad_norm/first_to_last"][1] == pytest.approx(ratios[-1])
 
 
+class _WeightsBeforeEachStep(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.norms = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.norms.append(
+            {
+                (item.layer, item.name): float(np.linalg.norm(item.variable.numpy()))
+                for item in kgrad.track_variables(self.model)
+            }
+        )
+
+
+@pytest.mark.parametrize("replicas, jit_compile", [(1, False), (2, False), (1, True)])
+def test_every_n_steps_records_the_logged_steps_exactly(replicas, jit_compile):
+    # Steps that are not logged take no branch (one replica) or write the scratch row
+    # (two replicas); the logged ones hold the gradients and the weights of the step.
+    x, y = _data(n=96)
+    single = _compile(_mlp())
+    expected = _hand_norms(single, x, y)  # lr=0: the same weights at every step
+    strategy = (
+        tf.distribute.MirroredStrategy(
+            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+        if replicas > 1
+        else tf.distribute.get_strategy()
+    )
+    with strategy.scope():
+        model = _compile(_mlp(), jit_compile=jit_compile)
+        model.set_weights(single.get_weights())
+    logger = kgrad.GradientNormLogger(every_n_steps=2)
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[logger])
+    frame = logger.to_dataframe()
+    assert frame.step.unique().tolist() == [0, 2, 4, 6, 8, 10]
+    for (layer, name), group in frame.groupby(["layer", "variable"], observed=True):
+        group = group.sort_values("step")
+        hand = [expected[(layer, name)][step % 6] for step in group.step]
+        np.testing.assert_allclose(group.grad_norm, hand, rtol=1e-4)
+        weight = single.get_layer(layer).weights[0 if name == "kernel" else 1]
+        np.testing.assert_allclose(group.weight_norm, np.linalg.norm(weight), rtol=1e-5)
+
+
+def test_every_n_steps_weight_norms_are_those_before_the_update():
+    x, y = _data(n=64)
+    model = _mlp()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = _WeightsBeforeEachStep()
+    logger = kgrad.GradientNormLogger(every_n_steps=3)
+    model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[before, logger])
+    frame = logger.to_dataframe()
+    assert frame.step.unique().tolist() == [0, 3, 6]
+    for row in frame.itertuples():
+        expected = before.norms[row.step][(row.layer, row.variable)]
+        assert row.weight_norm == pytest.approx(expected, rel=1e-5)
+
+
 def test_weight_norms_can_be_left_out():
     model = _compile(_mlp())
     x, y = _data()

@@ -51,10 +51,10 @@ class GradientNormLogger(KgradCallback):
       kernel norms can hide vanishing in ReLU nets; total norms otherwise).
 
     Args:
-        every_n_steps: Log steps whose index is a multiple of this: fewer records,
-            not a cheaper step (in real-step mode the norms are computed at every
-            step; skipping them in a branch measured dearer than computing them).
-            Defaults to `1`.
+        every_n_steps: Log steps whose index is a multiple of this. In real-step
+            mode the norms sit in branches taken on logged steps only: the other
+            steps cost little more than a plain step (under a distribution
+            strategy every step computes them). Defaults to `1`.
         layers: Glob patterns over layer names (nested models as `outer/inner`); only
             matching layers are recorded. Defaults to `None`, every trainable layer.
         probe_data: `(x, y)` or `(x, y, sample_weight)` for probe mode. Defaults to

@@ -44,8 +44,9 @@ class NormBuffer:
     `V` tracked variables, each held as a halved squared norm (one `L2Loss` per tensor
     in the step; roots on the host). The two global slots are filled in the step only
     when some variables are not tracked; otherwise the host sums the tracked ones. One
-    extra scratch row takes the writes of steps that are not logged (and any overflow),
-    so the traced step never branches on a write.
+    extra scratch row takes the writes that find the buffer full, and, under a
+    distribution strategy (where a write cannot sit in a branch), those of steps that
+    are not logged.
 
     Args:
         hook: The step hook that owns the strategy (for mirrored variables).
@@ -116,17 +117,43 @@ class NormBuffer:
         total = tf.add_n(present) if present else tf.constant(0.0)
         return total, tracked
 
-    def _put(self, target: tf.Variable, row: tf.Tensor, value: tf.Tensor) -> None:
+    def _put(
+        self, row: tf.Tensor, value: tf.Tensor, columns: Sequence[int] | None = None
+    ) -> None:
+        """Writes `value` into `row` of the buffer: the whole row, or `columns` of it."""
+        if columns is None:
+            indices = tf.expand_dims(row, 0)
+        else:
+            count = len(columns)
+            indices = tf.stack([tf.fill([count], row), tf.constant(columns, tf.int64)], 1)
         if self._hook.strategy.num_replicas_in_sync > 1:
             # Mirrored variables have no scatter update: rewrite the (small) buffer.
-            target.assign(tf.tensor_scatter_nd_update(target, [[row]], [value]))
+            indices = indices[:, None] if columns is None else indices
+            updates = tf.expand_dims(value, 0) if columns is None else value
+            self.rows.assign(tf.tensor_scatter_nd_update(self.rows, indices, updates))
+        elif columns is None:
+            self.rows.scatter_update(tf.IndexedSlices(tf.expand_dims(value, 0), indices))
         else:
-            target.scatter_update(
-                tf.IndexedSlices(tf.expand_dims(value, 0), tf.expand_dims(row, 0))
-            )
+            self.rows.scatter_nd_update(indices, value)
+
+    def _row(self, logged: tf.Tensor | None) -> tf.Tensor:
+        """The row of this step: the next free one, or the scratch row when the step
+        is not logged (or the buffer is full)."""
+        row = tf.minimum(self.count.read_value(), self.capacity)
+        return row if logged is None else tf.where(logged, row, self.capacity)
+
+    def _weight_halves(self) -> list[Any]:
+        return [stats.half_square(item.variable.value) for item in self.tracked]
 
     def write(self, context: StepContext, always: bool = False) -> None:
         """Records the norms of `context` when its step is a logged one.
+
+        Every step logged: the norms are computed and written with no branch (one
+        `Pack`, one scatter). Every `n`-th step: the gradient norms and the weight
+        norms sit in two separate branches, taken on logged steps only. The weight
+        branch depends on nothing but the step, so it runs at the start of the step
+        and holds back no weight update (one branch reading the weights and the
+        gradients would make every update wait for the last gradient).
 
         Args:
             context: The step's gradients and variables.
@@ -136,39 +163,47 @@ class NormBuffer:
         every_step = always or self.every_n_steps == 1
         logged = None if every_step else tf.equal(step % self.every_n_steps, 0)
         self.transformed = self.transformed or context.applied is not context.gradients
+        width = len(self.tracked)
 
-        def record() -> None:
+        def gradient_values() -> list[Any]:
             total, grads = self._halves(context, context.gradients)
             if context.applied is context.gradients:
                 clipped_total, clipped = total, grads
             else:
                 clipped_total, clipped = self._halves(context, context.applied)
             self.global_on_host = total is None
-            if self.weight_norms:
-                weights = [
-                    stats.half_square(item.variable.value) for item in self.tracked
-                ]
-            else:  # nothing to compute or read in the step; ignored on the host
-                weights = grads
-            # One `Pack` of scalars: slots the host ignores repeat a computed value.
+            # Slots the host ignores repeat a computed value (one `Pack` of scalars).
             filler = grads[0] if grads else tf.constant(0.0)
             head = [
                 filler if total is None else total,
                 filler if clipped_total is None else clipped_total,
             ]
-            values = tf.stack(head + grads + weights + clipped)
-            # Steps that are not logged (and any overflow) write to the scratch row.
-            row = tf.minimum(self.count.read_value(), self.capacity)
-            if logged is not None:
-                row = tf.where(logged, row, self.capacity)
-            self._put(self.rows, row, values)
-            self.count.assign_add(1 if logged is None else tf.cast(logged, tf.int64))
+            return head, grads, clipped
 
-        # No branch for the steps that are not logged: they write the scratch row.
-        # A branch reading the weights would hold back every weight's update until
-        # all gradients were measured (the update must follow the branch's reads):
-        # measured, it cost more than the norms it skipped.
-        record()
+        if every_step:
+            head, grads, clipped = gradient_values()
+            weights = self._weight_halves() if self.weight_norms else grads
+            self._put(self._row(None), tf.stack(head + grads + weights + clipped))
+            self.count.assign_add(1)
+        else:
+            if self.weight_norms:  # first: it reads the row before the count moves
+
+                def record_weights() -> None:
+                    columns = list(range(2 + width, 2 + 2 * width))
+                    values = tf.stack(self._weight_halves())
+                    self._put(self._row(logged), values, columns)
+
+                self._hook.when(logged, record_weights)
+
+            def record_gradients() -> None:
+                head, grads, clipped = gradient_values()
+                columns = list(range(2 + width)) + list(
+                    range(2 + 2 * width, 2 + 3 * width)
+                )
+                self._put(self._row(logged), tf.stack(head + grads + clipped), columns)
+                self.count.assign_add(tf.cast(logged, tf.int64))
+
+            self._hook.when(logged, record_gradients)
 
         if self.snapshots:
             snapshot = tf.equal(step % self.histogram_every_n_steps, 0)
