@@ -27,6 +27,8 @@ Usage:
     python benchmarks/bench_overhead.py --rounds 0     # skip the per-step measurement
     python benchmarks/bench_overhead.py --processes 3  # medians and ranges over 3 fresh
                                                        # processes (placement varies)
+    python benchmarks/bench_overhead.py --only plain_xla logger_xla  # under XLA, each
+                                                       # against the plain XLA fit
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def build_model(seed: int) -> keras.Model:
     return keras.Sequential(layers)
 
 
-# name -> (callbacks factory, extra compile arguments)
+# name -> (callbacks factory, extra compile arguments). A configuration compiled with
+# `jit_compile=True` is compared with `plain_xla`, every other one with `plain`.
 Config = tuple[Callable[[np.ndarray, np.ndarray], list], dict]
 CONFIGS: dict[str, Config] = {
     "plain": (lambda x, y: [], {}),
@@ -118,7 +121,16 @@ CONFIGS: dict[str, Config] = {
         ],
         {},
     ),
+    # Not run by default (`--only plain_xla logger_xla`): XLA on the CPU.
+    "plain_xla": (lambda x, y: [], {"jit_compile": True}),
+    "logger_xla": (lambda x, y: [kgrad.GradientNormLogger()], {"jit_compile": True}),
 }
+DEFAULT = [name for name in CONFIGS if not name.endswith("_xla")]
+
+
+def baseline(name: str) -> str:
+    """The configuration that `name` is compared with."""
+    return "plain_xla" if CONFIGS[name][1].get("jit_compile") else "plain"
 
 
 def run_once(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float]:
@@ -128,6 +140,7 @@ def run_once(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float,
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, **compile_kwargs.get("optimizer", {})),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=compile_kwargs.get("jit_compile", False),
     )
     timer = EpochTimer()
     start = time.perf_counter()
@@ -172,6 +185,7 @@ class SharedModel:
             options = compile_kwargs.get("optimizer", {})
             for key, value in options.items():  # read when the step is traced
                 setattr(model.optimizer, key, value)
+            model.jit_compile = compile_kwargs.get("jit_compile", False)
             callbacks = keras.callbacks.CallbackList(
                 make_callbacks(x, y),
                 model=model,
@@ -261,7 +275,7 @@ def measure(names: list[str], reps: int, rounds: int, instances: int) -> dict:
     def ratio(values: dict, name: str, index: int | None = None) -> float:
         pick = (lambda v: v) if index is None else (lambda v: v[index])
         return statistics.median(
-            pick(t) / pick(p) for t, p in zip(values[name], values["plain"])
+            pick(t) / pick(p) for t, p in zip(values[name], values[baseline(name)])
         )
 
     results = {}
@@ -283,7 +297,7 @@ def print_table(runs: list[dict]) -> None:
     """Medians over processes, with their range when there are several."""
     names = list(runs[0])
     metrics = [m for m in METRICS if m in runs[0][names[0]]]
-    width = 22 if len(runs) > 1 else 14
+    width = 22 if len(runs) > 1 else 16
     header = f"{'configuration':<18}" + "".join(f"{m:>{width}}" for m in metrics)
     print(header)
     print("-" * len(header))
@@ -322,12 +336,13 @@ def main(argv: list[str] | None = None) -> None:
         "--only", nargs="*", default=None, help=f"configurations: {list(CONFIGS)}"
     )
     args = parser.parse_args(argv)
-    names = args.only or list(CONFIGS)
+    names = args.only or DEFAULT
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown}; choose from {list(CONFIGS)}")
-    if "plain" not in names:
-        names = ["plain", *names]
+    for base in dict.fromkeys(baseline(n) for n in names):
+        if base not in names:
+            names = [base, *names]
 
     if args.processes > 1:
         runs = []
