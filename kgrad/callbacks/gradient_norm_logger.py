@@ -54,9 +54,10 @@ class GradientNormLogger(KgradCallback):
 
     Args:
         every_n_steps: Log steps whose index is a multiple of this. In real-step
-            mode the norms sit in branches taken on logged steps only: the other
-            steps cost little more than a plain step (under a distribution
-            strategy every step computes them). Defaults to `1`.
+            mode the norms sit in branches taken on logged steps only (under a
+            distribution strategy every step computes them); the untaken branches
+            still cost a little, so on a small model the saving per step is small
+            (see the README's benchmarks). Defaults to `1`.
         layers: Glob patterns over layer names (nested models as `outer/inner`); only
             matching layers are recorded. Defaults to `None`, every trainable layer.
         probe_data: `(x, y)` or `(x, y, sample_weight)` for probe mode. Defaults to

@@ -120,19 +120,21 @@ class NormBuffer:
     def _put(
         self, row: tf.Tensor, value: tf.Tensor, columns: Sequence[int] | None = None
     ) -> None:
-        """Writes `value` into `row` of the buffer: the whole row, or `columns` of it."""
+        """Writes `value` into `row` of the buffer: the whole row or `columns` of it."""
         if columns is None:
             indices = tf.expand_dims(row, 0)
         else:
             count = len(columns)
-            indices = tf.stack([tf.fill([count], row), tf.constant(columns, tf.int64)], 1)
+            cells = [tf.fill([count], row), tf.constant(columns, tf.int64)]
+            indices = tf.stack(cells, 1)
         if self._hook.strategy.num_replicas_in_sync > 1:
             # Mirrored variables have no scatter update: rewrite the (small) buffer.
             indices = indices[:, None] if columns is None else indices
             updates = tf.expand_dims(value, 0) if columns is None else value
             self.rows.assign(tf.tensor_scatter_nd_update(self.rows, indices, updates))
         elif columns is None:
-            self.rows.scatter_update(tf.IndexedSlices(tf.expand_dims(value, 0), indices))
+            update = tf.IndexedSlices(tf.expand_dims(value, 0), indices)
+            self.rows.scatter_update(update)
         else:
             self.rows.scatter_nd_update(indices, value)
 
@@ -165,7 +167,7 @@ class NormBuffer:
         self.transformed = self.transformed or context.applied is not context.gradients
         width = len(self.tracked)
 
-        def gradient_values() -> list[Any]:
+        def gradient_values() -> tuple[list[Any], list[Any], list[Any]]:
             total, grads = self._halves(context, context.gradients)
             if context.applied is context.gradients:
                 clipped_total, clipped = total, grads
@@ -182,6 +184,8 @@ class NormBuffer:
 
         if every_step:
             head, grads, clipped = gradient_values()
+            # Without weight norms, the weight slots (ignored on the host) repeat the
+            # gradients: nothing is read or computed for them.
             weights = self._weight_halves() if self.weight_norms else grads
             self._put(self._row(None), tf.stack(head + grads + weights + clipped))
             self.count.assign_add(1)
