@@ -30,3 +30,25 @@ def _fresh_keras_session():
     keras.utils.set_random_seed(0)
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture
+def strategy_of():
+    """`strategy_of(replicas)`: the default strategy for 1, else a `MirroredStrategy`
+    over the two logical CPUs.
+
+    Not the default collective all-reduce: TensorFlow reuses collective keys across
+    MirroredStrategy instances in one process, so a second strategy whose model has
+    another size fails (plain Keras too) after any other mirrored test.
+    """
+
+    def make(replicas: int) -> tf.distribute.Strategy:
+        if replicas == 1:
+            return tf.distribute.get_strategy()
+        strategy = tf.distribute.MirroredStrategy(
+            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+        assert strategy.num_replicas_in_sync == replicas
+        return strategy
+
+    return make

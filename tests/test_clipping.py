@@ -343,14 +343,8 @@ def test_clipping_under_mixed_precision_acts_on_unscaled_gradients():
     assert not finite.all() and not np.isfinite(post[~finite]).any()
 
 
-def test_clipping_under_mirrored_strategy_clips_the_aggregated_gradient():
-    # Not the default collective all-reduce: TensorFlow reuses collective keys across
-    # MirroredStrategy instances in one process, so a second strategy whose model has
-    # another size fails (plain Keras too) after any other mirrored test.
-    strategy = tf.distribute.MirroredStrategy(
-        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-    with strategy.scope():
+def test_clipping_under_mirrored_strategy_clips_the_aggregated_gradient(strategy_of):
+    with strategy_of(2).scope():
         model = _exploding_model()
     logger = kgrad.GradientNormLogger()
     clipping = kgrad.GradientClipping("global_norm", 1.0)

@@ -234,18 +234,13 @@ def test_mixed_float16_norms_are_unscaled():
         np.testing.assert_allclose(captured[key], norms, rtol=2e-2, err_msg=str(key))
 
 
-def test_mirrored_strategy_reports_the_aggregated_gradient():
+def test_mirrored_strategy_reports_the_aggregated_gradient(strategy_of):
     x, y = _data(n=32)
     single = _compile(_mlp())
     weights = single.get_weights()
     expected = _hand_norms(single, x, y)
 
-    # ReductionToOneDevice: collective ops reuse keys across strategies in one process.
-    strategy = tf.distribute.MirroredStrategy(
-        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-    assert strategy.num_replicas_in_sync == 2
-    with strategy.scope():
+    with strategy_of(2).scope():
         model = _compile(_mlp())
         model.set_weights(weights)
     logger = kgrad.GradientNormLogger()
@@ -296,20 +291,15 @@ class _WeightsBeforeEachStep(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("replicas, jit_compile", [(1, False), (2, False), (1, True)])
-def test_every_n_steps_records_the_logged_steps_exactly(replicas, jit_compile):
+def test_every_n_steps_records_the_logged_steps_exactly(
+    replicas, jit_compile, strategy_of
+):
     # Steps that are not logged take no branch (one replica) or write the scratch row
     # (two replicas); the logged ones hold the gradients and the weights of the step.
     x, y = _data(n=96)
     single = _compile(_mlp())
     expected = _hand_norms(single, x, y)  # lr=0: the same weights at every step
-    strategy = (
-        tf.distribute.MirroredStrategy(
-            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
-        )
-        if replicas > 1
-        else tf.distribute.get_strategy()
-    )
-    with strategy.scope():
+    with strategy_of(replicas).scope():
         model = _compile(_mlp(), jit_compile=jit_compile)
         model.set_weights(single.get_weights())
     logger = kgrad.GradientNormLogger(every_n_steps=2)

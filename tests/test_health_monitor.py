@@ -6,6 +6,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kgrad
 from kgrad.callbacks.gradient_health_monitor import GradientHealthWarning
@@ -392,13 +393,16 @@ def test_report_before_training_raises():
         kgrad.GradientHealthMonitor().report()
 
 
-def test_probe_statistics_match_numpy():
-    # The probe computes everything on the device, in one compiled call: it must give
-    # the host-computed unit activity and norms, probe after probe.
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_probe_statistics_match_numpy(replicas, strategy_of):
+    # The probe computes everything on the device, in one compiled call (raw reads of
+    # plain variables, the public path for mirrored ones): it must give the
+    # host-computed unit activity and norms, probe after probe.
     from kgrad.diagnosis.unit_probe import UnitProbe
 
     x, _ = _data(64)
-    model = _dead_net(dead=3, width=8)
+    with strategy_of(replicas).scope():
+        model = _dead_net(dead=3, width=8)
     probe = UnitProbe(model, kgrad.track_variables(model), x)
     rng = np.random.default_rng(1)
     previous = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
@@ -425,6 +429,28 @@ def test_probe_statistics_match_numpy():
         np.testing.assert_array_equal(active[1], (hidden2 > 0).any(axis=0))
         assert saturated == [None, None]
     assert not active[1][:3].any()  # the units with bias -10 stay silent
+
+
+def test_probe_calls_skip_graph_rewrites_on_this_thread_only():
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    from kgrad.diagnosis.unit_probe import plain_function_calls
+
+    def rewrites_disabled():
+        serialized = context.context().function_call_options.config_proto_serialized
+        config = config_pb2.ConfigProto.FromString(serialized)
+        return config.graph_options.rewrite_options.disable_meta_optimizer
+
+    before = context.context().function_call_options
+    assert not rewrites_disabled()
+    with pytest.raises(RuntimeError, match="inside"):
+        with plain_function_calls():
+            assert rewrites_disabled()
+            assert tf.function(lambda v: 2.0 * v)(tf.constant(3.0)).numpy() == 6.0
+            raise RuntimeError("inside")
+    assert context.context().function_call_options is before
+    assert not rewrites_disabled()
 
 
 def test_own_logger_leaves_weight_norms_to_the_probes():
