@@ -431,7 +431,7 @@ def test_probe_statistics_match_numpy(replicas, strategy_of):
     assert not active[1][:3].any()  # the units with bias -10 stay silent
 
 
-def test_probe_calls_skip_graph_rewrites_on_this_thread_only():
+def test_probe_calls_skip_graph_rewrites_and_restore_the_options():
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context
 

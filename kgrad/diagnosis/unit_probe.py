@@ -44,9 +44,9 @@ def plain_function_calls() -> Iterator[None]:
     """Runs the `tf.function` calls made in this block, on this thread, without
     Grappler's graph rewrites.
 
-    The rewrites took ~60 of the ~90 ms that the probe's first call spends building
-    its graph on a 20-layer MLP (measured), for no measurable gain per call: the probe
-    is a forward pass and a few reductions. The setting is part of the key under
+    On a 20-layer MLP the rewrites took ~60 of the ~90 ms of the probe's first run
+    (after its trace; measured), for no measurable gain per call: the probe is a
+    forward pass and a few reductions. The setting is part of the key under
     which TensorFlow keeps an instantiated function, so every call of one function
     must use it alike. Where TensorFlow's internals differ, calls run as usual.
     """
