@@ -100,7 +100,16 @@ def test_a_crashing_worker_stops_every_process(fake):
     assert "[launcher] stopped chief, tuner0" in output.getvalue()
 
 
-def test_ctrl_c_stops_every_process(fake):
+@pytest.fixture
+def ctrl_c_raises():
+    # Python ignores SIGINT when started in the background (`(python ... &)`): restore
+    # Ctrl-C as an interactive session has it, for this test only.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_every_process(fake, ctrl_c_raises):
     script, folder = fake
 
     def interrupt_once_all_started():
