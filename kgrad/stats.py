@@ -38,9 +38,8 @@ def tensor_norm(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
 def half_square(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
     """Half the squared L2 norm of a dense or sparse tensor, as a float32 scalar.
 
-    One op (`tf.nn.l2_loss`) for a dense tensor: in a small model the train step's
-    time is mostly per-op dispatch, so norms are taken as half-squares and their
-    square roots later, once for all.
+    One op (`tf.nn.l2_loss`) for a dense tensor, where a norm takes three: the
+    norms are kept as half-squares and their square roots taken later, once for all.
 
     Args:
         value: A tensor or `tf.IndexedSlices`.
