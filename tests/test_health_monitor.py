@@ -88,6 +88,8 @@ def test_dead_units_over_probes_in_a_row_with_exact_count():
     # Judged at each epoch end, as of the epoch's last probe (steps 0, 2, 4, 6 | ...).
     assert [f.step for f in dead] == [6, 14]
     assert dead[0].evidence["negative_bias"] is True
+    # 256 probe examples, 128 a probe: three probes in a row saw all of them.
+    assert dead[0].evidence["criterion"] == "3 probes in a row of 128 examples each"
     # Dead units get no gradient: their biases are still the -10 they started at.
     units = monitor.report().units.set_index("site")
     assert units.loc["d1", "dead_bias_mean"] == pytest.approx(-10.0)
@@ -369,6 +371,11 @@ def test_probe_data_that_does_not_fit_fails_before_training():
             "Received: probe_every_n_steps=0",
         ),
         ({"dead_after_probes": 1.5}, "`dead_after_probes` must be a positive integer"),
+        (
+            {"probe_batch_size": 0},
+            "`probe_batch_size` must be a positive integer. Received: "
+            "probe_batch_size=0",
+        ),
         ({"spike_factor": 1.0}, "`spike_factor` must be a number greater than 1"),
         (
             {"max_judge_share": 0},
@@ -429,6 +436,30 @@ def test_probe_statistics_match_numpy(replicas, strategy_of):
         np.testing.assert_array_equal(active[1], (hidden2 > 0).any(axis=0))
         assert saturated == [None, None]
     assert not active[1][:3].any()  # the units with bias -10 stay silent
+
+
+def test_probes_take_the_probe_set_a_batch_at_a_time_in_turn():
+    # Unit j fires on example j only, so each probe's activity names the examples it
+    # saw. Ten examples, four a probe: the last batch wraps around to the first ones.
+    from kgrad.diagnosis.unit_probe import UnitProbe
+
+    eye = np.eye(10, dtype="float32")
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(10, activation="relu", name="d0"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.get_layer("d0").set_weights([eye, np.full(10, -0.5, "float32")])
+    probe = UnitProbe(model, kgrad.track_variables(model), eye, batch_size=4, window=2)
+    assert probe.batch_count == 3
+    seen = [np.flatnonzero(probe.decode(probe())[0][0]).tolist() for _ in range(4)]
+    assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 8, 9], [0, 1, 2, 3]]
+    # The null model of dead units reads the examples of the last two probes.
+    np.testing.assert_array_equal(
+        probe.null_inputs(0), np.concatenate([eye[[8, 9, 0, 1]], eye[:4]])
+    )
 
 
 def test_probe_calls_skip_graph_rewrites_and_restore_the_options():

@@ -38,9 +38,14 @@ HEALTH_KEYS = (
 
 
 # By default the epoch-end diagnosis may take this share of the training time: on
-# short epochs (a few hundred fast steps) it runs every few epochs instead of every
-# one. Its cost is fixed per call (a few milliseconds), the epochs' is not.
-MAX_JUDGE_SHARE = 0.01
+# short epochs (under a second or two) it runs every few epochs instead of every one.
+# Its cost is fixed per call (5-15 ms on a 20-layer MLP), the epochs' is not; a
+# finding waits at most ~200 diagnosis durations of training (a second or three).
+MAX_JUDGE_SHARE = 0.005
+
+# Examples per probe by default: three probes in a row (a dead unit's test) then cover
+# 384 examples, and a probe of the benchmark model costs about one training step of 64.
+PROBE_BATCH_SIZE = 128
 
 
 class GradientHealthWarning(UserWarning):
@@ -57,8 +62,10 @@ class GradientHealthMonitor(KgradCallback):
     non-finite gradients (first step, first layer), spikes of the global norm against
     a rolling median. Every `probe_every_n_steps` steps a probe measures how far each
     layer's weights moved (stalled layers) and, with `probe_data`, which ReLU units
-    fired and how many sigmoid/tanh activations saturate. A unit is dead when it is
-    silent for every probe example in `dead_after_probes` probes in a row.
+    fired and how many sigmoid/tanh activations saturate, on the next
+    `probe_batch_size` examples of `probe_data` (in turn: a forward pass costs in
+    proportion to its examples). A unit is dead when it is silent for every example in
+    `dead_after_probes` probes in a row, which cover `dead_after_probes` batches.
 
     Each new finding (a kind, or layers not named before for it) is announced once:
     printed when `verbose > 0`, else issued as a `GradientHealthWarning`. Every
@@ -82,6 +89,8 @@ class GradientHealthMonitor(KgradCallback):
             only `x` is used (a few hundred examples). Defaults to `None`: no unit
             statistics.
         probe_every_n_steps: Steps between probes. Defaults to `50`.
+        probe_batch_size: Examples of `probe_data` per probe, taken in turn, or
+            `None` to probe all of them every time. Defaults to `128`.
         every_n_steps: Log gradient norms at steps that are multiples of this (the
             monitor's own logger). Defaults to `1`.
         layers: Glob patterns of the layers to record (own logger). Defaults to
@@ -97,7 +106,7 @@ class GradientHealthMonitor(KgradCallback):
             warnings instead. Defaults to `1`.
         max_judge_share: The largest share of training wall time the epoch-end
             diagnosis may take, in (0, 1]; `None` judges at every epoch end.
-            Defaults to `0.01`.
+            Defaults to `0.005`.
 
     Raises:
         ValueError: on a bad argument; in `on_train_begin`, when the model is not
@@ -120,6 +129,7 @@ class GradientHealthMonitor(KgradCallback):
         self,
         probe_data: Any = None,
         probe_every_n_steps: int = 50,
+        probe_batch_size: int | None = PROBE_BATCH_SIZE,
         every_n_steps: int = 1,
         layers: str | Sequence[str] | None = None,
         logger: GradientNormLogger | None = None,
@@ -143,6 +153,9 @@ class GradientHealthMonitor(KgradCallback):
         self.max_judge_share = max_judge_share
         self.probe_every_n_steps = check_positive_int(
             probe_every_n_steps, "probe_every_n_steps"
+        )
+        self.probe_batch_size = check_positive_int(
+            probe_batch_size, "probe_batch_size", allow_none=True
         )
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
         self.dead_after_probes = check_positive_int(
@@ -187,6 +200,7 @@ class GradientHealthMonitor(KgradCallback):
         self._notes: list[str] = []
         self._own_logger: GradientNormLogger | None = None
         self._probe: UnitProbe | None = None
+        self._probe_batches = 1  # how many batches the probe set is cut into
         self._pending: list = []
 
     # -- public results ---------------------------------------------------------------
@@ -221,7 +235,7 @@ class GradientHealthMonitor(KgradCallback):
             units=self._units,
             update_ratios=(health.update_ratios or None) if health else None,
             weight_norms=health.weight_norms if health else None,
-            dead_criterion=f"{self.dead_after_probes} probes in a row",
+            dead_criterion=self._dead_criterion(),
             notes=self._notes,
         )
 
@@ -265,7 +279,14 @@ class GradientHealthMonitor(KgradCallback):
             self._own_logger.set_params(self.params)
             self._own_logger.on_train_begin(logs)
         self._context = network_context(model)
-        self._probe = UnitProbe(model, track_variables(model, self.layers), x)
+        self._probe = UnitProbe(
+            model,
+            track_variables(model, self.layers),
+            x,
+            batch_size=self.probe_batch_size,
+            window=self.dead_after_probes,
+        )
+        self._probe_batches = self._probe.batch_count
         self.unit_health = UnitHealth(
             self._probe.site_infos,
             self._probe.layers,
@@ -346,6 +367,13 @@ class GradientHealthMonitor(KgradCallback):
             return data[0]
         return data
 
+    def _dead_criterion(self) -> str:
+        """How a dead unit was established, for the findings."""
+        probes = f"{self.dead_after_probes} probes in a row"
+        if self._probe_batches == 1:
+            return probes
+        return f"{probes} of {self.probe_batch_size} examples each"
+
     def _probe_if_due(self, step: int) -> None:
         """Probes now if no probe ran yet in the bucket of `step` (just finished)."""
         bucket = step // self.probe_every_n_steps
@@ -402,7 +430,7 @@ class GradientHealthMonitor(KgradCallback):
                 dead_masks
             )
             self._units = units
-            criterion = f"{self.dead_after_probes} probes in a row"
+            criterion = self._dead_criterion()
             findings += unit_findings(
                 units, self._context, step=step, criterion=criterion
             )

@@ -1,8 +1,9 @@
 """A cheap periodic probe during training: unit activity and how far the weights moved.
 
 Called every `probe_every_n_steps` steps by `GradientHealthMonitor`, it (a) passes a
-fixed probe batch through a functional sub-model, returning which ReLU-family units
-fired and the saturated fraction of each sigmoid/tanh site, and (b) measures
+batch of probe examples through a functional sub-model (the probe set in turn, a batch
+at a time), returning which ReLU-family units fired and the saturated fraction of each
+sigmoid/tanh site, and (b) measures
 ‖w − w_prev‖ and ‖w‖ per layer against a device copy of the weights taken at the
 previous probe. Both happen in one call that returns a few small tensors, read at
 `decode` (at the end of the epoch).
@@ -10,6 +11,7 @@ previous probe. Both happen in one call that returns a few small tensors, read a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -81,14 +83,54 @@ def _read_float32(variable: tf.Variable) -> tf.Tensor:
     return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
 
 
+def probe_batches(x: Any, batch_size: int | None) -> list[Any]:
+    """`x` cut into batches of `batch_size` examples, taken in turn.
+
+    Every batch has `batch_size` examples, so that one trace serves them all: the last
+    one wraps around to the first examples. Together the batches hold every example.
+
+    Args:
+        x: Inputs (an array or a structure of arrays), examples on the first axis.
+        batch_size: Examples per batch, or `None` for one batch of all of `x`.
+
+    Returns:
+        The batches, as structures of tensors like `x`.
+
+    Example:
+
+    >>> [b.numpy().ravel().tolist() for b in probe_batches(np.arange(5.0)[:, None], 2)]
+    [[0.0, 1.0], [2.0, 3.0], [4.0, 0.0]]
+    """
+    count = int(np.shape(keras.tree.flatten(x)[0])[0])
+    if batch_size is None or batch_size >= count:
+        return [keras.tree.map_structure(tf.convert_to_tensor, x)]
+
+    def batch(start: int) -> Any:
+        rows = np.arange(start, start + batch_size) % count
+        return keras.tree.map_structure(
+            lambda value: tf.convert_to_tensor(np.take(np.asarray(value), rows, axis=0)),
+            x,
+        )
+
+    return [batch(start) for start in range(0, count, batch_size)]
+
+
 class UnitProbe:
-    """Unit activity on a probe batch, and weight movement since the last probe.
+    """Unit activity on probe batches, and weight movement since the last probe.
+
+    Each call passes the next batch of the probe set (`batch_size` examples, in turn):
+    a forward pass costs in proportion to its examples, and a unit silent in several
+    probes in a row has then been silent on that many different batches.
 
     Args:
         model: The model being trained.
         tracked: The tracked variables (grouped into layers for the update ratios).
         x: Probe inputs, or `None` to measure weight movement only (also when the
             model has no functional graph: pass `x=None` then).
+        batch_size: Examples per probe, or `None` for all of `x` at every probe.
+            Defaults to `None`.
+        window: The null model of dead units reads the examples of this many last
+            probes (those a dead unit was silent on). Defaults to `1`.
 
     Example:
 
@@ -99,7 +141,12 @@ class UnitProbe:
     """
 
     def __init__(
-        self, model: keras.Model, tracked: Sequence[TrackedVariable], x: Any = None
+        self,
+        model: keras.Model,
+        tracked: Sequence[TrackedVariable],
+        x: Any = None,
+        batch_size: int | None = None,
+        window: int = 1,
     ):
         self.layers = list(dict.fromkeys(item.layer for item in tracked))
         self._groups = [
@@ -108,7 +155,7 @@ class UnitProbe:
         ]
         self.sites = activation_sites(model) if x is not None else []
         # The null model of dead units reads each ReLU site's kernel input; the probe
-        # returns those inputs too, and keeps the last ones for the null fractions.
+        # returns those inputs too, and keeps those of the last `window` probes.
         # Its layers are built only when a site has dead units.
         self._null_sites = [
             index
@@ -146,14 +193,16 @@ class UnitProbe:
         self._copies = {
             id(variable): copy for variable, copy in zip(self._variables, self._previous)
         }
-        self._x = (
-            None if x is None else keras.tree.map_structure(tf.convert_to_tensor, x)
-        )
+        self._batches = [None] if x is None else probe_batches(x, batch_size)
+        self._next_batch = 0
         # Compiled at the first probe. Eager probes cost ~35 ms each on a 20-layer
         # MLP, a compiled one ~2 ms: running eagerly first would save the one-off
         # trace only in runs of a dozen probes.
         self._measure = tf.function(self._statistics, autograph=False)
-        self._kernel_inputs: dict[int, tf.Tensor] = {}
+        # (batch index, kernel inputs) of the last `window` probes.
+        self._recent: collections.deque[tuple[int, list[tf.Tensor]]] = (
+            collections.deque(maxlen=window)
+        )
         self._null_cache: dict[int, tuple[bytes, float]] = {}
 
     def _statistics(self, x: Any) -> tuple[tf.Tensor, ...]:
@@ -215,10 +264,30 @@ class UnitProbe:
         Returns:
             The probe's statistics, for `decode`.
         """
+        index = self._next_batch
+        self._next_batch = (index + 1) % len(self._batches)
         with plain_function_calls():
-            active, saturated, kernel_inputs, deltas, weights = self._measure(self._x)
-        self._kernel_inputs = dict(zip(self._null_sites, kernel_inputs))
+            active, saturated, kernel_inputs, deltas, weights = self._measure(
+                self._batches[index]
+            )
+        if kernel_inputs:
+            self._recent.append((index, kernel_inputs))
         return active, saturated, deltas, weights
+
+    @property
+    def batch_count(self) -> int:
+        """How many batches the probe set is cut into (1 when it is probed whole)."""
+        return len(self._batches)
+
+    def null_inputs(self, index: int) -> tf.Tensor | None:
+        """The kernel inputs of null site `index` (a position in the sites) on the
+        examples of the last `window` probes, each batch once; `None` before any."""
+        position = self._null_sites.index(index)
+        latest = {batch: inputs[position] for batch, inputs in self._recent}
+        if not latest:
+            return None
+        parts = list(latest.values())
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
     @property
     def site_infos(self) -> list[SiteInfo]:
@@ -229,7 +298,7 @@ class UnitProbe:
         ]
 
     def null_silent_fractions(self, dead: Sequence[np.ndarray | None]) -> list[float]:
-        """Per site, the fraction of null-model units silent on the last probe's inputs.
+        """Per site, the fraction of null-model units silent on the last probes' inputs.
 
         Fresh zero-bias random units reading each ReLU site's kernel input (see
         `kgrad.diagnosis.dead_units`): what the geometry of the inputs explains. 0
@@ -246,7 +315,7 @@ class UnitProbe:
         ]
         for index in self._null_sites:
             mask = dead[index]
-            if mask is None or not mask.any() or index not in self._kernel_inputs:
+            if mask is None or not mask.any() or not self._recent:
                 continue
             key = np.packbits(mask).tobytes()
             if self._null_cache.get(index, (None,))[0] != key:
@@ -255,7 +324,7 @@ class UnitProbe:
                         self.sites[index].kernel_layer, units=PROBE_NULL_UNITS
                     )
                 layer = self._null_layers[index]
-                silent = ~null_active_units(layer, self._kernel_inputs[index])
+                silent = ~null_active_units(layer, self.null_inputs(index))
                 self._null_cache[index] = (key, float(np.mean(silent)))
             fractions[index] = self._null_cache[index][1]
         return fractions
