@@ -133,6 +133,42 @@ def test_silence_bound_is_three_binomial_sigmas_plus_one():
     assert silence_bound(100, 0.2) == pytest.approx(20 + 3 * 4 + 1)
 
 
+def test_silence_bound_widens_with_an_estimated_null_fraction():
+    # p estimated as (k + 1/2)/(n + 1), and the estimate's variance units*p(1-p)*units/n.
+    p = (0.25 * 256 + 0.5) / 257
+    expected = 128 * p + 3 * np.sqrt(128 * p * (1 - p) * 1.5) + 1
+    assert silence_bound(128, 0.25, null_units=256) == pytest.approx(expected)
+    assert silence_bound(128, 0.25, null_units=np.nan) == silence_bound(128, 0.25)
+    # More null units, a tighter bound; no null unit silent is not "p = 0".
+    assert silence_bound(128, 0.0, 4096) < silence_bound(128, 0.0, 256)
+    assert silence_bound(128, 0.0, 256) > 3 > silence_bound(128, 0.0)
+
+
+def test_silence_a_few_hundred_null_units_missed_is_not_death():
+    # Measured in a 20-layer, 128-wide He-initialized ReLU net at initialization
+    # (monitor, 256 null units): 2 of 128 units silent where no null unit was (8,192
+    # null units put p at 0.031), and 23 where 9% were (11.5%). Six units of 32 with
+    # a bias of -10 are dead.
+    table = pd.DataFrame(
+        {
+            "layer": ["early", "deep", "biased"],
+            "units": [128, 128, 32],
+            "dead_units": [2, 23, 6],
+            "null_silent_fraction": [0.0, 0.09, 0.0],
+            "null_units": [256, 256, 256],
+            "examples": [256, 256, 256],
+        }
+    )
+    assert detect_dead_units(table).evidence["dead_units"] == {"biased": 6}
+    # Taken as exact, the same fractions flagged the first two as well.
+    exact = table.drop(columns="null_units")
+    assert list(detect_dead_units(exact).evidence["dead_units"]) == [
+        "early",
+        "deep",
+        "biased",
+    ]
+
+
 def test_consecutive_silence_resets_when_a_unit_fires():
     counts = None
     for silent in ([True, True], [True, False], [True, True]):

@@ -48,6 +48,8 @@ def test_dead_units_are_counted_exactly_and_blamed_on_the_bias():
     assert fixes.FIX_RELU_HE not in dead.fixes  # already He-initialized
     row = report.layers.set_index("layer").loc["d1"]
     assert row["dead_units"] == 12 and row["dead_fraction"] == pytest.approx(12 / 64)
+    # The null fraction was estimated from 512 random units (the bound's width).
+    assert report.units.set_index("site").loc["d1", "null_units"] == 512
 
 
 class SqrtOfSquare(keras.layers.Layer):

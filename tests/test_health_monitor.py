@@ -93,6 +93,9 @@ def test_dead_units_over_probes_in_a_row_with_exact_count():
     # Dead units get no gradient: their biases are still the -10 they started at.
     units = monitor.report().units.set_index("site")
     assert units.loc["d1", "dead_bias_mean"] == pytest.approx(-10.0)
+    # The null fraction and how many null units estimated it (for the bound).
+    assert units.loc["d1", "null_silent_fraction"] < 0.05
+    assert units.loc["d1", "null_units"] == 256
     # Announced once although found at both epoch ends.
     announced = [w for w in caught if issubclass(w.category, GradientHealthWarning)]
     assert sum("dead_units" in str(w.message) for w in announced) == 1

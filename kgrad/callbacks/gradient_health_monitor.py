@@ -429,6 +429,7 @@ class GradientHealthMonitor(KgradCallback):
             units["null_silent_fraction"] = self._probe.null_silent_fractions(
                 dead_masks
             )
+            units["null_units"] = self._probe.null_unit_counts()
             self._units = units
             criterion = self._dead_criterion()
             findings += unit_findings(

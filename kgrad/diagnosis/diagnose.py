@@ -136,6 +136,7 @@ def _layer_frame(measured: Measurements, context) -> tuple[pd.DataFrame, pd.Data
             "units",
             "dead_units",
             "null_silent_fraction",
+            "null_units",
             "dead_bias_mean",
             "saturated_fraction",
         ],

@@ -41,7 +41,8 @@ class Measurements:
             with respect to its output over every example.
         units: One dict per activation site: `site`, `layer` (the kernel layer it
             activates, if any), `activation`, `units`, `dead_units`,
-            `null_silent_fraction`, `dead_bias_mean`, `saturated_fraction`.
+            `null_silent_fraction`, `null_units`, `dead_bias_mean`,
+            `saturated_fraction`.
         first_non_finite_output: The first layer, in forward order, with a
             non-finite output; `None` if all were finite (or could not be read).
         examples: The number of probe examples.
@@ -110,6 +111,7 @@ class _SiteStats:
             "units": site.units,
             "dead_units": np.nan,
             "null_silent_fraction": np.nan,
+            "null_units": np.nan,
             "dead_bias_mean": np.nan,
             "saturated_fraction": np.nan,
         }
@@ -120,6 +122,7 @@ class _SiteStats:
                 row["null_silent_fraction"] = 0.0  # normalization centres every unit
             elif self.null_active is not None:
                 row["null_silent_fraction"] = float(np.mean(~self.null_active))
+                row["null_units"] = len(self.null_active)
             bias = getattr(site.kernel_layer, "bias", None)
             if dead.any() and bias is not None and not site.normalized:
                 values = keras.ops.convert_to_numpy(bias)[dead]

@@ -59,6 +59,7 @@ class Report:
             unavailable).
         units: One row per activation site (ReLU-family, sigmoid, tanh): `site`,
             `layer`, `activation`, `units`, `dead_units`, `null_silent_fraction`,
+            `null_units` (the null-model units it was estimated from),
             `dead_bias_mean`, `saturated_fraction`.
         decay: The geometric-mean ratio per layer of the backpropagated signal
             (below 1: it shrinks towards the input).

@@ -329,6 +329,14 @@ class UnitProbe:
             fractions[index] = self._null_cache[index][1]
         return fractions
 
+    def null_unit_counts(self) -> list[float]:
+        """Per site, how many null units estimated its null fraction (NaN where none
+        did: exact or unknown)."""
+        return [
+            float(PROBE_NULL_UNITS) if index in self._null_cache else float("nan")
+            for index in range(len(self.sites))
+        ]
+
     def dead_bias_means(self, dead: Sequence[np.ndarray | None]) -> list[float]:
         """The mean bias of the dead units of each site (NaN where unknown).
 
