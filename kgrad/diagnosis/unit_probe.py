@@ -3,9 +3,8 @@
 Called every `probe_every_n_steps` steps by `GradientHealthMonitor`, it (a) passes a
 batch of probe examples through a functional sub-model (the probe set in turn, a batch
 at a time), returning which ReLU-family units fired and the saturated fraction of each
-sigmoid/tanh site, and (b) measures
-‖w − w_prev‖ and ‖w‖ per layer against a device copy of the weights taken at the
-previous probe. Both happen in one call that returns a few small tensors, read at
+sigmoid/tanh site, and (b) measures ‖w − w_prev‖ and ‖w‖ per layer against a device
+copy of the weights taken at the previous probe. Both happen in one call that returns a few small tensors, read at
 `decode` (at the end of the epoch).
 """
 
@@ -281,7 +280,8 @@ class UnitProbe:
 
     def null_inputs(self, index: int) -> tf.Tensor | None:
         """The kernel inputs of null site `index` (a position in the sites) on the
-        examples of the last `window` probes, each batch once; `None` before any."""
+        examples of the last `window` probes: each batch once, as last probed (the
+        examples a dead unit was silent on); `None` before any probe."""
         position = self._null_sites.index(index)
         latest = {batch: inputs[position] for batch, inputs in self._recent}
         if not latest:
