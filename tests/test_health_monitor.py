@@ -96,6 +96,8 @@ def test_dead_units_over_probes_in_a_row_with_exact_count():
     # The null fraction and how many null units estimated it (for the bound).
     assert units.loc["d1", "null_silent_fraction"] < 0.05
     assert units.loc["d1", "null_units"] == 256
+    # No estimate, no count: both NaN together at every site.
+    assert (units["null_units"].isna() == units["null_silent_fraction"].isna()).all()
     # Announced once although found at both epoch ends.
     announced = [w for w in caught if issubclass(w.category, GradientHealthWarning)]
     assert sum("dead_units" in str(w.message) for w in announced) == 1

@@ -427,10 +427,8 @@ class GradientHealthMonitor(KgradCallback):
             dead_masks = self.unit_health.dead_masks()
             units["dead_bias_mean"] = self._probe.dead_bias_means(dead_masks)
             # What the correlation of the inputs explains (REFERENCES.md, trap 3).
-            units["null_silent_fraction"] = self._probe.null_silent_fractions(
-                dead_masks
-            )
-            units["null_units"] = self._probe.null_unit_counts()
+            fractions, counts = self._probe.null_silent_fractions(dead_masks)
+            units["null_silent_fraction"], units["null_units"] = fractions, counts
             self._units = units
             criterion = self._dead_criterion()
             findings += unit_findings(

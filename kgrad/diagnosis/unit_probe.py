@@ -297,22 +297,30 @@ class UnitProbe:
             for site in self.sites
         ]
 
-    def null_silent_fractions(self, dead: Sequence[np.ndarray | None]) -> list[float]:
-        """Per site, the fraction of null-model units silent on the last probes' inputs.
+    def null_silent_fractions(
+        self, dead: Sequence[np.ndarray | None]
+    ) -> tuple[list[float], list[float]]:
+        """Per site, the fraction of null-model units silent on the last probes'
+        inputs, and how many null units estimated it.
 
         Fresh zero-bias random units reading each ReLU site's kernel input (see
         `kgrad.diagnosis.dead_units`): what the geometry of the inputs explains. 0
-        after a normalization layer (it centres every unit); NaN where unknown
-        (sigmoid/tanh sites, no kernel layer). Computed only for sites with dead
-        units, and again only when their set of dead units changes.
+        after a normalization layer (it centres every unit; exact, so no count); NaN
+        where unknown (sigmoid/tanh sites, no kernel layer, no dead units). Computed
+        only for sites with dead units, and again only when their set of dead units
+        changes.
 
         Args:
             dead: Per site, the boolean mask of dead units, or `None`.
+
+        Returns:
+            The fractions and the null-unit counts (NaN where no estimate).
         """
         fractions = [
             0.0 if site.normalized and site.activation in DEAD_PRONE else float("nan")
             for site in self.sites
         ]
+        counts = [float("nan")] * len(self.sites)
         for index in self._null_sites:
             mask = dead[index]
             if mask is None or not mask.any() or not self._recent:
@@ -327,15 +335,8 @@ class UnitProbe:
                 silent = ~null_active_units(layer, self.null_inputs(index))
                 self._null_cache[index] = (key, float(np.mean(silent)))
             fractions[index] = self._null_cache[index][1]
-        return fractions
-
-    def null_unit_counts(self) -> list[float]:
-        """Per site, how many null units estimated its null fraction (NaN where none
-        did: exact or unknown)."""
-        return [
-            float(PROBE_NULL_UNITS) if index in self._null_cache else float("nan")
-            for index in range(len(self.sites))
-        ]
+            counts[index] = float(PROBE_NULL_UNITS)
+        return fractions, counts
 
     def dead_bias_means(self, dead: Sequence[np.ndarray | None]) -> list[float]:
         """The mean bias of the dead units of each site (NaN where unknown).
