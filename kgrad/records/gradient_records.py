@@ -1,8 +1,9 @@
 """Compact in-memory records of gradient and weight norms, and their tidy DataFrame.
 
-Records are stored as a few NumPy arrays per flush (one row per logged step, one column
-per tracked variable), so 100,000 steps of a 50-layer model fit in well under 200 MB.
-The long, tidy DataFrame that users read is built on demand.
+Records are stored as one growing NumPy array per field (one row per logged step, one
+column per tracked variable), so appends and reads stay cheap however long the run, and
+100,000 steps of a 50-layer model fit in well under 200 MB. The long, tidy DataFrame that
+users read is built on demand.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class VariableInfo:
 
 @dataclasses.dataclass
 class _Chunk:
+    """Views of the stored rows under the names of `append`'s arguments."""
+
     step: np.ndarray  # (n,) int64
     epoch: np.ndarray  # (n,) int32
     grad_norm: np.ndarray  # (n, V) float32
@@ -54,8 +57,28 @@ class _Chunk:
     clipped_global_norm: np.ndarray | None  # (n,) float32
 
 
+# The stored fields: name -> (dtype, one value per variable).
+_FIELDS = {
+    "step": (np.int64, False),
+    "epoch": (np.int32, False),
+    "grad_norm": (np.float32, True),
+    "weight_norm": (np.float32, True),
+    "global_norm": (np.float32, False),
+    "clipped_grad_norm": (np.float32, True),
+    "clipped_global_norm": (np.float32, False),
+}
+_CLIPPED = ("clipped_grad_norm", "clipped_global_norm")
+
+
 class GradientRecords:
     """Gradient and weight norms per logged step and per tracked variable.
+
+    The rows live in one preallocated array per field whose capacity doubles when it
+    fills up (as a Python list grows), so an append costs time in proportion to the
+    rows it adds, amortized over a long run, and every read (`steps`, `grad_norms`, ...)
+    is a view of the rows so far, not a copy. The two clipped fields are allocated at
+    the first append that carries them; before that (and for later rows without them)
+    they equal the raw norms.
 
     Args:
         variables: The recorded columns, ordered by depth.
@@ -73,11 +96,20 @@ class GradientRecords:
     def __init__(self, variables: Sequence[VariableInfo], run: str = ""):
         self.variables = list(variables)
         self.run = run
-        self._chunks: list[_Chunk] = []
-        self._cache: dict[str, np.ndarray] = {}
+        self._rows = 0
+        self._arrays: dict[str, np.ndarray] = {
+            name: self._allocate(name, 0)
+            for name in _FIELDS
+            if name not in _CLIPPED
+        }
+
+    def _allocate(self, name: str, capacity: int) -> np.ndarray:
+        dtype, per_variable = _FIELDS[name]
+        shape = (capacity, len(self.variables)) if per_variable else (capacity,)
+        return np.empty(shape, dtype)
 
     def __len__(self) -> int:
-        return sum(len(chunk.step) for chunk in self._chunks)
+        return self._rows
 
     @property
     def layers(self) -> list[str]:
@@ -89,12 +121,8 @@ class GradientRecords:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the stored arrays."""
-        total = 0
-        for chunk in self._chunks:
-            for value in dataclasses.astuple(chunk):
-                total += 0 if value is None else value.nbytes
-        return total
+        """Bytes held by the stored arrays (their whole capacity)."""
+        return sum(array.nbytes for array in self._arrays.values())
 
     def append(
         self,
@@ -107,84 +135,103 @@ class GradientRecords:
         clipped_grad_norm: np.ndarray | None = None,
         clipped_global_norm: np.ndarray | None = None,
     ) -> None:
-        """Adds rows (one per logged step) to the records."""
-        step = np.asarray(step, dtype=np.int64)
-        if step.size == 0:
-            return
-        chunk = _Chunk(
-            step=step,
-            epoch=np.broadcast_to(np.asarray(epoch, dtype=np.int32), step.shape).copy(),
-            grad_norm=np.asarray(grad_norm, dtype=np.float32).reshape(len(step), -1),
-            weight_norm=np.asarray(weight_norm, dtype=np.float32).reshape(
-                len(step), -1
-            ),
-            global_norm=np.asarray(global_norm, dtype=np.float32),
-            clipped_grad_norm=None
-            if clipped_grad_norm is None
-            else np.asarray(clipped_grad_norm, dtype=np.float32),
-            clipped_global_norm=None
-            if clipped_global_norm is None
-            else np.asarray(clipped_global_norm, dtype=np.float32),
-        )
-        if chunk.grad_norm.shape[1] != len(self.variables):
-            raise ValueError(
-                f"Expected {len(self.variables)} norms per row, received "
-                f"{chunk.grad_norm.shape[1]}."
-            )
-        self._chunks.append(chunk)
-        self._cache.clear()
+        """Adds rows (one per logged step) to the records.
 
-    def _stacked(self, field: str) -> np.ndarray | None:
-        if field not in self._cache:
-            parts = [getattr(chunk, field) for chunk in self._chunks]
-            if field.startswith("clipped") and all(part is None for part in parts):
-                return None
-            if not parts:
-                width = len(self.variables)
-                empty_2d = field in ("grad_norm", "weight_norm", "clipped_grad_norm")
-                return np.zeros((0, width) if empty_2d else (0,), np.float32)
-            filled = []
-            for chunk, part in zip(self._chunks, parts):
-                if part is None:  # rows without a transform: clipped == raw
-                    part = getattr(chunk, field.replace("clipped_", ""))
-                filled.append(part)
-            self._cache[field] = np.concatenate(filled)
-        return self._cache[field]
+        Raises:
+            ValueError: When a row does not hold one norm per recorded variable.
+        """
+        step = np.asarray(step, dtype=np.int64).reshape(-1)
+        count = len(step)
+        if count == 0:
+            return
+        width = len(self.variables)
+        rows = {
+            "step": step,
+            "epoch": np.broadcast_to(np.asarray(epoch, dtype=np.int32), step.shape),
+            "grad_norm": np.asarray(grad_norm, dtype=np.float32).reshape(count, -1),
+            "weight_norm": np.asarray(weight_norm, dtype=np.float32),
+            "global_norm": np.asarray(global_norm, dtype=np.float32),
+        }
+        if rows["grad_norm"].shape[1] != width:
+            raise ValueError(
+                f"Expected {width} norms per row, received {rows['grad_norm'].shape[1]}."
+            )
+        rows["weight_norm"] = rows["weight_norm"].reshape(count, width)
+        clipped = {
+            "clipped_grad_norm": clipped_grad_norm,
+            "clipped_global_norm": clipped_global_norm,
+        }
+        for name, value in clipped.items():
+            raw = rows[name.replace("clipped_", "")]
+            if value is not None:
+                rows[name] = np.asarray(value, dtype=np.float32).reshape(raw.shape)
+                if name not in self._arrays:  # earlier rows: clipped == raw
+                    self._arrays[name] = self._arrays[name.replace("clipped_", "")].copy()
+            elif name in self._arrays:  # rows without a transform: clipped == raw
+                rows[name] = raw
+        end = self._rows + count
+        capacity = len(self._arrays["step"])
+        if end > capacity:
+            capacity = max(end, 2 * capacity, 16)
+            for name, array in self._arrays.items():
+                grown = self._allocate(name, capacity)
+                grown[: self._rows] = array[: self._rows]
+                self._arrays[name] = grown
+        for name, array in self._arrays.items():
+            array[self._rows : end] = rows[name]
+        self._rows = end
+
+    def _stored(self, field: str, writeable: bool = False) -> np.ndarray | None:
+        """The rows so far of `field`, or `None` for a clipped field that no append
+        carried: a view, read-only unless `writeable`, so that no reader changes the
+        records by accident."""
+        array = self._arrays.get(field)
+        if array is None:
+            return None
+        view = array[: self._rows]
+        view.flags.writeable = writeable
+        return view
+
+    @property
+    def _chunks(self) -> list[_Chunk]:
+        # For callers that wrote into the stored arrays of the former chunked layout
+        # (tests/test_zoo_tuning_health.py); these views write through.
+        return [_Chunk(**{name: self._stored(name, True) for name in _FIELDS})]
 
     @property
     def steps(self) -> np.ndarray:
         """The logged step indices, shape `(n,)`."""
-        return self._stacked("step")
+        return self._stored("step")
 
     @property
     def epochs(self) -> np.ndarray:
         """The epoch of each logged step, shape `(n,)`."""
-        return self._stacked("epoch")
+        return self._stored("epoch")
 
     @property
     def grad_norms(self) -> np.ndarray:
         """Gradient norms, shape `(n_steps, n_variables)`."""
-        return self._stacked("grad_norm")
+        return self._stored("grad_norm")
 
     @property
     def weight_norms(self) -> np.ndarray:
         """Weight norms at the step, shape `(n_steps, n_variables)`."""
-        return self._stacked("weight_norm")
+        return self._stored("weight_norm")
 
     @property
     def global_norms(self) -> np.ndarray:
         """The global gradient norm over all trainable variables, shape `(n,)`."""
-        return self._stacked("global_norm")
+        return self._stored("global_norm")
 
     @property
     def clipped_grad_norms(self) -> np.ndarray | None:
         """Norms of the gradients handed to the optimizer after clipping, or `None`."""
-        return self._stacked("clipped_grad_norm")
+        return self._stored("clipped_grad_norm")
 
     @property
     def clipped_global_norms(self) -> np.ndarray | None:
         """The global norm after clipping, or `None` when nothing clipped."""
-        return self._stacked("clipped_global_norm")
+        return self._stored("clipped_global_norm")
 
     def layer_norms(self, kind: ProfileKind = "total") -> tuple[list[str], np.ndarray]:
         """Per-layer gradient norms for each logged step.
