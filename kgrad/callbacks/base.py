@@ -7,6 +7,9 @@ from typing import Any, ClassVar
 
 import keras
 
+from kgrad.capture.optimizers import model_optimizers
+from kgrad.capture.step_hook import model_is_built
+
 
 def check_positive_int(value: Any, argument: str, allow_none: bool = False) -> Any:
     """Returns `value` if it is a positive integer, else raises a ValueError naming it."""
@@ -20,13 +23,17 @@ def check_positive_int(value: Any, argument: str, allow_none: bool = False) -> A
 
 
 def check_trainable(model: keras.Model) -> None:
-    """Raises a clear ValueError when `model` cannot be trained by `fit`."""
-    if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
+    """Raises a clear ValueError when `model` cannot be trained by `fit`.
+
+    A model that Keras builds on its first batch (subclassed, `Sequential` without
+    `Input`) has no variables yet: its weights are judged once it is built.
+    """
+    if not model_optimizers(model) or not getattr(model, "compiled", True):
         raise ValueError(
             f"Model {model.name!r} is not compiled. Call `model.compile(optimizer=..., "
             "loss=...)` before `fit`."
         )
-    if not model.trainable_variables:
+    if model_is_built(model) and not model.trainable_variables:
         raise ValueError(
             f"Model {model.name!r} has no trainable weights: there is no gradient to "
             "record. Unfreeze at least one layer (`layer.trainable = True`)."

@@ -12,6 +12,7 @@ import numpy as np
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
 from kgrad.capture.probe import check_probe_data
+from kgrad.capture.step_hook import model_is_built
 from kgrad.capture.variables import track_variables
 from kgrad.diagnosis.activations import network_context
 from kgrad.diagnosis.graph import functional_reason
@@ -124,7 +125,7 @@ class GradientHealthMonitor(KgradCallback):
     >>> print(monitor.report())  # doctest: +SKIP
     """
 
-    _transient = ("_model", "_own_logger", "_probe", "_pending")
+    _transient = ("_model", "_own_logger", "_kept_logger", "_probe", "_pending")
 
     def __init__(
         self,
@@ -200,6 +201,10 @@ class GradientHealthMonitor(KgradCallback):
         self._context = None
         self._notes: list[str] = []
         self._own_logger: GradientNormLogger | None = None
+        # The own logger of the last `fit()`, reused by the next one on the same
+        # model so that its traced train function is reused too.
+        self._kept_logger: GradientNormLogger | None = None
+        self._records_by_optimizer: dict = {}
         self._probe: UnitProbe | None = None
         self._probe_batches = 1  # how many batches the probe set is cut into
         self._pending: list = []
@@ -213,25 +218,50 @@ class GradientHealthMonitor(KgradCallback):
 
     @property
     def records(self):
-        """The gradient records of the last `fit()` (from the logger used)."""
+        """The gradient records of the last `fit()` (from the logger used): those of
+        the first optimizer the step calls (see `records_by_optimizer`)."""
         logger = self.logger or self._own_logger
         return logger.records if logger is not None else self._records
 
-    def report(self) -> Report:
+    @property
+    def records_by_optimizer(self) -> dict:
+        """The gradient records of the last `fit()` by optimizer (`"optimizer"`,
+        `"d_optimizer"`, ...): the detectors judge each one on its own."""
+        logger = self.logger or self._own_logger
+        if logger is not None:
+            return dict(logger.records_by_optimizer)
+        return dict(self._records_by_optimizer)
+
+    def report(self, optimizer: str | None = None) -> Report:
         """The `Report` of the last `fit()`: gradients over every logged step, unit
         statistics after the last probe, update ratios of the last probes.
 
+        Args:
+            optimizer: Whose gradients to report, when the step calls several
+                optimizers (`"g_optimizer"`). Defaults to `None`: the first.
+
         Raises:
             RuntimeError: before any training.
+            ValueError: if `optimizer` names no optimizer with records.
         """
-        if self.records is None or len(self.records) == 0:
+        records = self.records
+        if optimizer is not None:
+            available = self.records_by_optimizer
+            if optimizer not in available:
+                raise ValueError(
+                    f"`optimizer` must name an optimizer whose gradients were "
+                    f"recorded. Received: optimizer={optimizer!r}; recorded: "
+                    f"{', '.join(available) or 'none'}"
+                )
+            records = available[optimizer]
+        if records is None or len(records) == 0:
             raise RuntimeError(
                 "GradientHealthMonitor has nothing to report yet: pass it to "
                 "`model.fit(callbacks=[monitor])` first."
             )
         health = self.unit_health
         return diagnose_records(
-            self.records,
+            records,
             self._context,
             units=self._units,
             update_ratios=(health.update_ratios or None) if health else None,
@@ -246,18 +276,6 @@ class GradientHealthMonitor(KgradCallback):
         model = self.model
         check_trainable(model)
         self._notes = []
-        x = self._probe_inputs()
-        if x is not None:
-            check_probe_data(model, (x, None), "probe_data")
-            reason = functional_reason(model)
-            if reason is not None:
-                self._notes.append(reason)
-                warnings.warn(
-                    f"GradientHealthMonitor: {reason}",
-                    GradientHealthWarning,
-                    stacklevel=2,
-                )
-                x = None
         if self.logger is not None:
             logger = self.logger
             if (
@@ -273,12 +291,50 @@ class GradientHealthMonitor(KgradCallback):
         else:
             # Weight norms come from the probes: computing them at every step
             # would be half of the logger's cost.
-            self._own_logger = GradientNormLogger(
-                self.every_n_steps, self.layers, weight_norms=False
-            )
-            self._own_logger.set_model(model)
-            self._own_logger.set_params(self.params)
-            self._own_logger.on_train_begin(logs)
+            kept = self._kept_logger
+            if kept is None or kept.model is not model:
+                kept = GradientNormLogger(
+                    self.every_n_steps, self.layers, weight_norms=False
+                )
+                kept.set_model(model)
+            self._own_logger = self._kept_logger = kept
+            kept.set_params(self.params)
+            kept.on_train_begin(logs)
+        self._pending = []
+        self._units = None
+        self._rows_seen: dict[str, int] = {}
+        self._summaries: dict = {}
+        self._last_bucket = -1
+        self._batches_begun = 0
+        self._batches_done = 0
+        self._summary = None
+        self._log = FindingLog()
+        self._judge_seconds: float | None = None  # the last diagnosis's duration
+        self._trained_seconds = 0.0  # epochs' time since the last diagnosis
+        self._epoch_start = time.perf_counter()
+        # Steps are counted on the host: the optimizer the step uses is known only
+        # once it ran (a GAN's step never calls `model.optimizer`).
+        self._epoch_first_step = int(model.optimizer.iterations.numpy())
+        self._probe = None
+        self.unit_health = None
+        if model_is_built(model):
+            self._start_probes()
+
+    def _start_probes(self) -> None:
+        """Makes the probe and the unit statistics: once the model is built."""
+        model = self.model
+        x = self._probe_inputs()
+        if x is not None:
+            check_probe_data(model, (x, None), "probe_data")
+            reason = functional_reason(model)
+            if reason is not None:
+                self._notes.append(reason)
+                warnings.warn(
+                    f"GradientHealthMonitor: {reason}",
+                    GradientHealthWarning,
+                    stacklevel=3,
+                )
+                x = None
         self._context = network_context(model)
         self._probe = UnitProbe(
             model,
@@ -292,23 +348,13 @@ class GradientHealthMonitor(KgradCallback):
             self._probe.site_infos,
             self._probe.layers,
             self.dead_after_probes,
-            first_step=int(model.optimizer.iterations.numpy()),
+            first_step=self._epoch_first_step + self._batches_done,
         )
-        self._pending = []
-        self._units = None
-        self._rows_seen = 0
-        self._last_bucket = -1
-        self._batches_begun = 0
-        self._summary = None
-        self._log = FindingLog()
-        self._judge_seconds: float | None = None  # the last diagnosis's duration
-        self._trained_seconds = 0.0  # epochs' time since the last diagnosis
-        self._epoch_start = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_start = time.perf_counter()
-        self._epoch_first_step = int(self.model.optimizer.iterations.numpy())
-        self._batches_begun = 0
+        self._epoch_first_step += self._batches_done
+        self._batches_begun = self._batches_done = 0
         if self._own_logger is not None:
             self._own_logger.on_epoch_begin(epoch, logs)
 
@@ -317,10 +363,13 @@ class GradientHealthMonitor(KgradCallback):
         # Keras's asynchronous batch-end thread it would compete with the training
         # step for the weights and the cores (measured: 3x its own cost).
         self._batches_begun = batch + 1
-        if batch > 0:
+        if batch > 0 and self._probe is not None:
             self._probe_if_due(self._epoch_first_step + batch - 1)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._batches_done = batch + 1
+        if self._probe is None:  # a model built by its first step is built now
+            self._start_probes()
         if self._own_logger is not None:
             self._own_logger.on_train_batch_end(batch, logs)
 
@@ -328,8 +377,9 @@ class GradientHealthMonitor(KgradCallback):
         self._trained_seconds += time.perf_counter() - self._epoch_start
         if self._own_logger is not None:
             self._own_logger.on_epoch_end(epoch, logs)
-        if self._batches_begun:  # the probe due after the epoch's last step
-            last = int(self.model.optimizer.iterations.numpy()) - 1
+        if self._batches_begun and self._probe is not None:
+            # The probe due after the epoch's last step.
+            last = self._epoch_first_step + self._batches_done - 1
             self._probe_if_due(max(last, self._epoch_first_step))
         new = self._judge() if self._judge_due() else []
         if logs is not None:
@@ -356,6 +406,9 @@ class GradientHealthMonitor(KgradCallback):
         finally:
             if self._own_logger is not None:
                 self._records = self._own_logger.records
+                self._records_by_optimizer = dict(
+                    self._own_logger.records_by_optimizer
+                )
             self._own_logger = None
             self._probe = None
             self._pending = []
@@ -388,11 +441,12 @@ class GradientHealthMonitor(KgradCallback):
             return True
         if self._trained_seconds * self.max_judge_share >= self._judge_seconds:
             return True
-        records = self.records
-        if records is not None and len(records) > self._rows_seen:
-            # Non-finite gradients are news that cannot wait.
-            return not np.isfinite(records.global_norms[self._rows_seen :]).all()
-        return False
+        # Non-finite gradients are news that cannot wait.
+        return any(
+            not np.isfinite(records.global_norms[self._rows_seen.get(name, 0) :]).all()
+            for name, records in self.records_by_optimizer.items()
+            if len(records) > self._rows_seen.get(name, 0)
+        )
 
     def _judge(self) -> list[Finding]:
         """Runs the detectors on what arrived since the last call; announces news."""
@@ -407,17 +461,30 @@ class GradientHealthMonitor(KgradCallback):
 
     def _run_detectors(self) -> list[Finding]:
         """The findings on what arrived since the last call."""
-        records = self.records
         findings: list[Finding] = []
-        if records is not None and len(records) > self._rows_seen:
-            findings, self._summary = gradient_findings(
+        by_optimizer = self.records_by_optimizer
+        for name, records in by_optimizer.items():
+            seen = self._rows_seen.get(name, 0)
+            if len(records) <= seen:
+                continue
+            found, summary = gradient_findings(
                 records,
                 self._context,
-                start=self._rows_seen,
+                start=seen,
                 spike_factor=self.spike_factor,
                 spike_window=self.spike_window,
             )
-            self._rows_seen = len(records)
+            if len(by_optimizer) > 1:
+                # A vanishing generator is a finding of its own.
+                for finding in found:
+                    finding.evidence["optimizer"] = name
+                    finding.message = f"({name}) {finding.message}"
+            if self._summary is None or name == next(iter(by_optimizer)):
+                self._summary = summary
+            findings += found
+            self._rows_seen[name] = len(records)
+        if self._probe is None:
+            return findings
         pending, self._pending = self._pending, []
         for step, result in sorted(pending, key=lambda item: item[0]):
             self.unit_health.add(step, *self._probe.decode(result))

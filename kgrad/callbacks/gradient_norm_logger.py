@@ -15,10 +15,10 @@ import pandas as pd
 import tensorflow as tf
 
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
-from kgrad.capture.norm_buffer import NormBuffer
+from kgrad.capture.norm_buffer import NormBuffer, OptimizerBuffers
 from kgrad.capture.probe import check_probe_data, probe_gradients
-from kgrad.capture.step_hook import StepContext, StepHook
-from kgrad.capture.variables import track_variables
+from kgrad.capture.step_hook import StepContext, StepHook, model_is_built
+from kgrad.capture.variables import layer_names, track_variables
 from kgrad.records.csv_sink import CsvSink
 from kgrad.records.gradient_records import GradientRecords, VariableInfo
 from kgrad.records.tensorboard_sink import TensorBoardSink
@@ -90,7 +90,7 @@ class GradientNormLogger(KgradCallback):
     >>> logger.to_dataframe().groupby("layer").grad_norm.median()  # doctest: +SKIP
     """
 
-    _transient = ("_model", "_hook", "_buffer", "_probe_function", "_probe_batch")
+    _transient = ("_model", "_hook", "_buffers", "_probe", "_probe_function")
 
     def __init__(
         self,
@@ -147,14 +147,31 @@ class GradientNormLogger(KgradCallback):
         # In real-step mode the batch hook only checks, once, that the step was hooked:
         # safe to run asynchronously, so Keras keeps its asynchronous batch dispatch.
         self.async_safe = probe_data is None
-        self.records: GradientRecords | None = None
+        self.records_by_optimizer: dict[str, GradientRecords] = {}
+        self._empty_records: GradientRecords | None = None
         self.run_id: str | None = None
         self._hook: StepHook | None = None
-        self._buffer: NormBuffer | None = None
+        # Kept from one `fit()` to the next while they fit: the train function
+        # traced with them is then reused.
+        self._buffers: OptimizerBuffers | None = None
+        self._probe: _Probe | None = None
         self._probe_function = None
-        self._probe_batch = None
 
     # -- public results ---------------------------------------------------------------
+
+    @property
+    def records(self) -> GradientRecords | None:
+        """The records of the last `fit()`: those of the one optimizer the step calls
+        (of the first, in the model's order, when it calls several: see
+        `records_by_optimizer`). `None` before any training."""
+        if not self.records_by_optimizer:
+            return self._empty_records
+        return next(iter(self.records_by_optimizer.values()))
+
+    @records.setter
+    def records(self, value: GradientRecords | None) -> None:
+        self._empty_records = value
+        self.records_by_optimizer = {}
 
     def to_dataframe(self) -> pd.DataFrame:
         """The records of the last `fit()` as a tidy DataFrame.
@@ -162,8 +179,9 @@ class GradientNormLogger(KgradCallback):
         Returns:
             One row per (logged step, variable) with the columns `run, step, epoch,
             layer, depth, variable, kind, grad_norm, weight_norm, clipped_grad_norm,
-            global_norm`. `depth` 0 is nearest the input; `kind` is `kernel`, `bias`
-            or `other`.
+            global_norm, optimizer`. `depth` 0 is nearest the input; `kind` is
+            `kernel`, `bias` or `other`; `optimizer` names the model attribute of the
+            optimizer that applied the gradient (`optimizer`, `d_optimizer`, ...).
 
         Raises:
             RuntimeError: before any training.
@@ -173,17 +191,23 @@ class GradientNormLogger(KgradCallback):
                 "GradientNormLogger has no records yet: pass it to "
                 "`model.fit(callbacks=[logger])` first."
             )
-        return self.records.to_dataframe()
+        if not self.records_by_optimizer:
+            return _with_optimizer(self.records.to_dataframe(), "optimizer")
+        return pd.concat(
+            [
+                _with_optimizer(records.to_dataframe(), name)
+                for name, records in self.records_by_optimizer.items()
+            ],
+            ignore_index=True,
+        )
 
     # -- callback hooks ---------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
         check_trainable(model)
-        tracked = track_variables(model, self.layers)
-        batch = None
-        if self.probe_data is not None:
-            batch = check_probe_data(model, self.probe_data)
+        built = model_is_built(model)
+        tracked = track_variables(model, self.layers) if built else None
         # Checked again: the destination may have vanished since `__init__`.
         if self.csv_path is not None:
             self._csv = CsvSink(self.csv_path)
@@ -191,50 +215,53 @@ class GradientNormLogger(KgradCallback):
             self._tensorboard = TensorBoardSink(self.tensorboard_dir)
 
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        self.records = GradientRecords(
-            [VariableInfo(t.layer, t.depth, t.name, t.kind) for t in tracked],
-            run=self.run_id,
-        )
+        self.records = GradientRecords([], run=self.run_id)
         steps = (self.params or {}).get("steps")
         capacity = (
             math.ceil(steps / self.every_n_steps) + 1
             if steps
             else _UNKNOWN_EPOCH_CAPACITY
         )
-        hook = StepHook.attach(model) if batch is None else StepHook(model)
-        self._buffer = NormBuffer(
-            hook,
-            tracked,
-            capacity,
-            self.every_n_steps,
-            self.histogram_every_n_steps,
-            self.weight_norms,
-        )
-        self._hook = hook
         self._histogram_step = -1
-        self._awaiting_trace = True
-        self._host_step = int(model.optimizer.iterations.numpy())
-        self._epoch_first_step = self._host_step
-        self._last_probe_bucket = -1
+        self._checked = False
         self._probe_steps: list[int] = []
-        if batch is None:
-            hook.add(self, observe=self._buffer.write)
-        else:
-            self._probe_batch = batch
-            self._probe_function = self._make_probe_function()
+        self._last_probe_bucket = -1
+        if self.probe_data is not None:
+            self._start_probe_mode(capacity)
+            return
+        hook = StepHook.attach(model)
+        trainable_ids = tuple(id(v) for v in model.trainable_variables)
+        buffers = self._buffers
+        if buffers is None or not buffers.fits(hook, capacity, trainable_ids):
+            buffers = OptimizerBuffers(
+                hook,
+                self.layers,
+                capacity,
+                self.every_n_steps,
+                self.histogram_every_n_steps,
+                self.weight_norms,
+            )
+            if hook.strategy.num_replicas_in_sync > 1:
+                buffers.prepare(tracked)
+        buffers.reset()
+        self._buffers = buffers
+        self._hook = hook
+        hook.add(self, observe=buffers.write, state=buffers)
+        self._first_steps = self._read_steps()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
-        self._epoch_first_step = self._host_step
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._probe_function is None:
-            if self._awaiting_trace:
-                self._awaiting_trace = False
+        if self._probe is None:
+            if not self._checked:
+                self._checked = True
                 self._check_hooked()
             return
-        step = self._epoch_first_step + batch
-        self._host_step = step + 1
+        step = self._probe_first_step + batch
+        self._probe_next_step = step + 1
+        if self._probe_function is None:  # the model is built by its first step
+            self._probe_function = self._make_probe_function()
         bucket = step // self.every_n_steps
         if bucket > self._last_probe_bucket:
             self._last_probe_bucket = bucket
@@ -242,19 +269,23 @@ class GradientNormLogger(KgradCallback):
             self._probe_steps.append(step)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self._probe_function is None:
+        if self._probe is None and not self._checked:
+            self._checked = True
             self._check_hooked()
-            self._host_step = int(self._hook.step.numpy())
-        chunk = self._flush(epoch)
-        if logs is None or chunk is None:
+        chunks = self._flush(epoch)
+        if logs is None or not chunks:
             return
-        added = len(chunk)
+        added = sum(len(chunk) for chunk in chunks.values())
+        chunk = next(iter(chunks.values()))
         ratios = chunk.first_to_last()
         logs["grad_norm/global"] = float(np.mean(chunk.global_norms))
         finite = ratios[~np.isnan(ratios)]
         logs["grad_norm/first_to_last"] = (
             float(np.median(finite)) if finite.size else float("nan")
         )
+        if len(chunks) > 1:
+            for name, each in chunks.items():
+                logs[f"grad_norm/global/{name}"] = float(np.mean(each.global_norms))
         if self.verbose:
             print(
                 f"GradientNormLogger epoch {epoch + 1}: global norm "
@@ -264,37 +295,74 @@ class GradientNormLogger(KgradCallback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         try:
-            if self._buffer is not None:
+            if self._buffers is not None or self._probe is not None:
                 self._flush(getattr(self, "_epoch", 0))
         finally:
-            if self._hook is not None and self._probe_function is None:
+            if self._hook is not None:
                 self._hook.remove(self)
             if self._tensorboard is not None:
                 self._tensorboard.close()
             self._hook = None
-            self._buffer = None
+            self._probe = None
             self._probe_function = None
-            self._probe_batch = None
 
     # -- internals --------------------------------------------------------------------
 
+    def _read_steps(self) -> dict[str, int]:
+        hook = self._hook
+        return {name: int(hook.step_variable(name).numpy()) for name in hook.optimizers}
+
     def _check_hooked(self) -> None:
-        if self._hook is not None and not self._hook.traced:
+        hook = self._hook
+        if hook is None:
+            return
+        if not hook.traced:
             raise RuntimeError(
-                f"GradientNormLogger could not hook the training step of model "
-                f"{self.model.name!r}: its `train_step` never called "
-                "`model.optimizer.apply_gradients`/`apply`, so the real gradients are "
-                "out of reach. Use probe mode instead: "
-                "`GradientNormLogger(probe_data=(x_batch, y_batch))`."
+                hook.unused_message(
+                    "GradientNormLogger",
+                    "Or record the gradients on a fixed batch: "
+                    "`GradientNormLogger(probe_data=(x_batch, y_batch))` (add "
+                    "`loss_fn=` for a model with no `call()` of its own).",
+                )
+            )
+        if not any(self._buffers.buffers.get(name) for name in hook.traced_optimizers):
+            raise ValueError(
+                f"GradientNormLogger found no gradient to record in model "
+                f"{self.model.name!r}: the optimizers its step calls "
+                f"({', '.join(sorted(hook.traced_optimizers))}) update no variable of "
+                f"the layers {self.layers or 'of the model'}. Layers of this model: "
+                f"{', '.join(layer_names(self.model))}"
             )
 
+    def _start_probe_mode(self, capacity: int) -> None:
+        """Probe mode: a buffer written by hand after the logged steps."""
+        model = self.model
+        self._probe = _Probe(capacity)
+        self._probe_first_step = int(model.optimizer.iterations.numpy())
+        self._probe_next_step = self._probe_first_step
+        self._probe_function = None
+        if model_is_built(model):
+            self._probe_function = self._make_probe_function()
+
     def _make_probe_function(self):
-        model, buffer, hook = self.model, self._buffer, self._hook
-        x, y, sample_weight = self._probe_batch
+        model, probe = self.model, self._probe
+        hook = StepHook.attach(model)
+        probe.batch = check_probe_data(model, self.probe_data)
+        tracked = track_variables(model, self.layers)
+        probe.buffer = NormBuffer(
+            hook,
+            tracked,
+            probe.capacity,
+            self.every_n_steps,
+            self.histogram_every_n_steps,
+            self.weight_norms,
+        )
+        x, y, sample_weight = probe.batch
         training = self.probe_training
+        buffer = probe.buffer
 
         @tf.function
-        def probe(step):
+        def probe_step(step):
             _, gradients = probe_gradients(model, x, y, sample_weight, training)
             context = StepContext(
                 variables=list(model.trainable_variables),
@@ -306,33 +374,70 @@ class GradientNormLogger(KgradCallback):
             context.applied = context.gradients
             buffer.write(context, always=True)
 
-        return probe
+        return probe_step
 
-    def _flush(self, epoch: int) -> GradientRecords | None:
-        """Moves the buffered rows into the records and the sinks; returns them."""
-        if self._buffer is None:
-            return None
-        probe_steps = self._probe_steps if self._probe_function is not None else None
-        rows, dropped = self._buffer.fetch(self._epoch_first_step, probe_steps)
-        self._probe_steps = []
-        if dropped:
-            warnings.warn(
-                f"GradientNormLogger: {dropped} logged steps of epoch {epoch + 1} did "
-                "not fit the device buffer (the epoch length was unknown) and were "
-                "dropped; raise `every_n_steps`.",
-                stacklevel=2,
-            )
-        if len(rows["step"]) == 0:
-            return None
-        chunk = GradientRecords(self.records.variables, run=self.run_id)
-        chunk.append(epoch=epoch, **rows)
-        self.records.append(epoch=epoch, **rows)
-        if self._csv is not None:
-            self._csv.write(chunk.to_dataframe())
-        if self._tensorboard is not None:
-            self._tensorboard.write_scalars(chunk, 0)
-            step, values = self._buffer.fetch_snapshot()
-            if step > self._histogram_step:
-                self._histogram_step = step
-                self._tensorboard.write_histograms(step, values)
-        return chunk
+    def _fetch(self) -> dict[str, tuple[dict[str, np.ndarray], int, NormBuffer]]:
+        """The rows logged since the last fetch, by optimizer."""
+        if self._probe is not None:
+            buffer = self._probe.buffer
+            if buffer is None:
+                return {}
+            rows, dropped = buffer.fetch(self._probe_first_step, self._probe_steps)
+            self._probe_steps = []
+            return {"optimizer": (rows, dropped, buffer)}
+        fetched = {}
+        steps = self._read_steps()
+        for name, buffer in self._buffers.buffers.items():
+            if buffer is not None:
+                rows, dropped = buffer.fetch(self._first_steps.get(name, 0))
+                fetched[name] = (rows, dropped, buffer)
+        self._first_steps = steps
+        return fetched
+
+    def _flush(self, epoch: int) -> dict[str, GradientRecords]:
+        """Moves the buffered rows into the records and the sinks; returns the new
+        ones, by optimizer."""
+        chunks: dict[str, GradientRecords] = {}
+        for name, (rows, dropped, buffer) in self._fetch().items():
+            if dropped:
+                warnings.warn(
+                    f"GradientNormLogger: {dropped} logged steps of epoch {epoch + 1} "
+                    "did not fit the device buffer (the epoch length was unknown) and "
+                    "were dropped; raise `every_n_steps`.",
+                    stacklevel=2,
+                )
+            if len(rows["step"]) == 0:
+                continue
+            variables = [VariableInfo(t.layer, t.depth, t.name, t.kind) for t in buffer.tracked]
+            records = self.records_by_optimizer.get(name)
+            if records is None:
+                records = GradientRecords(variables, run=self.run_id)
+                self.records_by_optimizer[name] = records
+            chunk = GradientRecords(variables, run=self.run_id)
+            chunk.append(epoch=epoch, **rows)
+            records.append(epoch=epoch, **rows)
+            chunks[name] = chunk
+            if self._csv is not None:
+                self._csv.write(_with_optimizer(chunk.to_dataframe(), name))
+            if self._tensorboard is not None:
+                self._tensorboard.write_scalars(chunk, 0)
+                step, values = buffer.fetch_snapshot()
+                if step > self._histogram_step:
+                    self._histogram_step = step
+                    self._tensorboard.write_histograms(step, values)
+        return chunks
+
+
+class _Probe:
+    """Probe mode's run-time state: the batch and its buffer, made once built."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.batch = None
+        self.buffer: NormBuffer | None = None
+
+
+def _with_optimizer(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """`frame` with an `optimizer` column naming the optimizer of its gradients."""
+    frame["optimizer"] = pd.Categorical([name] * len(frame))
+    return frame

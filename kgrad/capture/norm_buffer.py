@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from kgrad import stats
 from kgrad.capture.step_hook import StepContext, StepHook
-from kgrad.capture.variables import TrackedVariable
+from kgrad.capture.variables import TrackedVariable, track_variables
 
 # The half-square written for a tracked variable that got no gradient: no real
 # half-square is negative, so the host reads it back as NaN ("no gradient").
@@ -75,7 +75,7 @@ class NormBuffer:
         self.global_on_host = True  # set when the step is traced
         width = 2 + 3 * len(self.tracked)
         self.rows = hook.make_variable(
-            tf.zeros((self.capacity + 1, width), tf.float32), tf.float32, "kgrad_rows"
+            np.zeros((self.capacity + 1, width), np.float32), tf.float32, "kgrad_rows"
         )
         self.count = hook.make_variable(0, tf.int64, "kgrad_count")
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -84,7 +84,7 @@ class NormBuffer:
         if histogram_every_n_steps:
             self.snapshots = [
                 hook.make_variable(
-                    tf.zeros(item.variable.shape, tf.float32), tf.float32, "kgrad_snap"
+                    np.zeros(item.variable.shape, np.float32), tf.float32, "kgrad_snap"
                 )
                 for item in self.tracked
             ]
@@ -291,3 +291,85 @@ class NormBuffer:
             f"{item.layer}/{item.name}": target.numpy()
             for item, target in zip(self.tracked, self.snapshots)
         }
+
+
+class OptimizerBuffers:
+    """One `NormBuffer` per optimizer that the step calls, made when it is first called.
+
+    A model that Keras builds on its first batch has no variables before its first
+    step: the buffer of each optimizer is made inside that step's trace, over the
+    tracked variables the optimizer updates (`tf.init_scope` makes them eagerly).
+    Under a strategy with several replicas (where variables cannot be made in a
+    replica context) Keras has built the model already, and `prepare` makes every
+    optimizer's buffer up front over every tracked variable.
+
+    The same instance serves several `fit()` calls while `fits` says so: its
+    variables are then those the kept train function writes.
+
+    Args:
+        hook: The model's step hook.
+        layers: Glob patterns of the layers to track (`track_variables`), or `None`.
+        capacity: Logged steps held per epoch.
+        every_n_steps: Log steps whose index is a multiple of this.
+        histogram_every_n_steps: Keep gradient copies at these steps, or `None`.
+        weight_norms: Also record weight norms.
+    """
+
+    def __init__(
+        self,
+        hook: StepHook,
+        layers: Sequence[str] | None,
+        capacity: int,
+        every_n_steps: int,
+        histogram_every_n_steps: int | None,
+        weight_norms: bool,
+    ):
+        self.hook = hook
+        self.layers = layers
+        self.capacity = capacity
+        self.options = (every_n_steps, histogram_every_n_steps, weight_norms)
+        self.buffers: dict[str, NormBuffer | None] = {}
+        self.trainable_ids: tuple[int, ...] | None = None
+
+    def fits(self, hook: StepHook, capacity: int, trainable_ids: tuple[int, ...]) -> bool:
+        """Whether these buffers can serve a new `fit()` as they are."""
+        return (
+            hook is self.hook
+            and capacity <= self.capacity
+            and (self.trainable_ids is None or self.trainable_ids == trainable_ids)
+        )
+
+    def prepare(self, tracked: Sequence[TrackedVariable]) -> None:
+        """Makes every optimizer's buffer now, over all of `tracked`."""
+        for name in self.hook.optimizers:
+            if name not in self.buffers:
+                self.buffers[name] = NormBuffer(
+                    self.hook, tracked, self.capacity, *self.options
+                )
+
+    def write(self, context: StepContext) -> None:
+        """The observer: records `context` in its optimizer's buffer (made if new)."""
+        name = context.optimizer_name
+        if name not in self.buffers:
+            model = self.hook.model
+            self.trainable_ids = tuple(id(v) for v in model.trainable_variables)
+            updated = {id(variable) for variable in context.variables}
+            tracked = [
+                item
+                for item in track_variables(model, self.layers)
+                if id(item.variable) in updated
+            ]
+            self.buffers[name] = (
+                NormBuffer(self.hook, tracked, self.capacity, *self.options)
+                if tracked
+                else None
+            )
+        buffer = self.buffers[name]
+        if buffer is not None:
+            buffer.write(context)
+
+    def reset(self) -> None:
+        """Empties every buffer (host side, at the start of a `fit()`)."""
+        for buffer in self.buffers.values():
+            if buffer is not None:
+                buffer.reset()

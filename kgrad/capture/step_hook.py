@@ -1,10 +1,12 @@
-"""A hook into the real training step: the gradients the optimizer actually receives.
+"""A hook into the real training step: the gradients each optimizer actually receives.
 
 Keras callbacks never see gradients: the default `train_step` computes them inside the
-compiled train function and hands them straight to `optimizer.apply`. `StepHook` wraps
-that one call, on the optimizer instance only, so the unchanged `model.fit` (compiled,
-XLA, `steps_per_execution`, distributed) runs observers and transforms on exactly the
-gradients of the step, with no extra forward or backward pass.
+compiled train function and hands them straight to `optimizer.apply`; a custom one
+(a GAN's) hands them to optimizers of its own (`self.d_optimizer.apply_gradients`).
+`StepHook` wraps that call on every Keras optimizer the model holds, on the optimizer
+instances only, so the unchanged `model.fit` (compiled, XLA, `steps_per_execution`,
+distributed) runs observers and transforms on exactly the gradients of the step, with
+no extra forward or backward pass.
 
 What observers and transforms see:
 
@@ -12,13 +14,19 @@ What observers and transforms see:
   `loss_scale_factor`, is divided out first);
 - under a `tf.distribute` strategy with several replicas, the *aggregated* gradient (the
   per-replica gradients summed, as the optimizer will sum them);
-- on the TensorFlow backend only: the hook is traced into the train function, so the
-  model's train function is rebuilt whenever the hook is installed or removed.
+- the variables as the step passes them, built: nothing of the model or its optimizers
+  is built or read before Keras builds them in the first step, so models that Keras
+  builds on their first batch (subclassed, `Sequential` without `Input`) work as they are.
+
+The hook is Python code traced into the train function. Every set of participants has
+a train function of its own, traced once and kept: a second `fit()` with the same
+callbacks, and a plain `fit()` after one with them, reuse what was traced before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,25 +34,47 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from kgrad.capture.optimizers import model_optimizers
+
 Gradients = list[Any]
 Observer = Callable[["StepContext"], None]
 Transform = Callable[["StepContext", Gradients], Gradients]
 
-# Kept outside the optimizer so that nothing of the hook is tracked or saved with it.
-_HOOKS: "weakref.WeakKeyDictionary[Any, StepHook]" = weakref.WeakKeyDictionary()
+# The model attribute that holds its hook, set past Keras's attribute tracking so that
+# nothing of the hook is tracked or saved with the model.
+_HOOK_ATTRIBUTE = "_kgrad_step_hook"
+
+# Serial numbers of participants and their state: ids are reused after garbage
+# collection, serials never are.
+_SERIALS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_COUNTER = itertools.count(1)
+
+
+def serial(obj: Any) -> int:
+    """A number that names `obj` for as long as it lives and is never reused."""
+    if obj is None:
+        return 0
+    number = _SERIALS.get(obj)
+    if number is None:
+        number = _SERIALS[obj] = next(_COUNTER)
+    return number
 
 
 @dataclasses.dataclass
 class StepContext:
-    """What a hook participant sees inside one training step.
+    """What a hook participant sees inside one call of an optimizer in the step.
 
     Attributes:
-        variables: The trainable variables, aligned with the gradients.
+        variables: The trainable variables the optimizer updates, aligned with the
+            gradients.
         gradients: The unscaled, replica-aggregated gradients as computed by the step.
         applied: The gradients handed on to the optimizer after every transform
             (the same list as `gradients` when there is no transform).
-        step: A scalar int64 tensor: the 0-based index of this training step.
+        step: A scalar int64 tensor: the 0-based index of this call of the optimizer
+            (its training step).
         strategy: The distribution strategy of the model.
+        optimizer_name: The model attribute that holds the optimizer (`"optimizer"`
+            for `model.optimizer`, `"d_optimizer"`, ...).
     """
 
     variables: list[keras.Variable]
@@ -52,6 +82,7 @@ class StepContext:
     applied: Gradients
     step: tf.Tensor
     strategy: tf.distribute.Strategy
+    optimizer_name: str = "optimizer"
 
 
 def scale_gradient(gradient: Any, factor: Any) -> Any:
@@ -67,20 +98,46 @@ def scale_gradient(gradient: Any, factor: Any) -> Any:
     return gradient * tf.cast(factor, gradient.dtype)
 
 
+def model_is_built(model: keras.Model) -> bool:
+    """Whether `model` and every layer in it have their variables (Keras's own test)."""
+    return bool(model.built) and all(
+        layer.built for layer in model._flatten_layers(include_self=False)
+    )
+
+
+@dataclasses.dataclass
+class _Participant:
+    observe: Observer | None
+    transform: Transform | None
+    order: int
+    optimizers: frozenset[str] | None
+    token: tuple[int, int]
+
+    def wants(self, name: str) -> bool:
+        return self.optimizers is None or name in self.optimizers
+
+
 class StepHook:
     """Runs observers and transforms on the gradients of the real training step.
 
-    There is at most one hook per optimizer. Callbacks share it: each registers what it
-    needs with `add` in `on_train_begin` and unregisters with `remove` in
-    `on_train_end`; the hook wraps `optimizer.apply` while anyone is registered and
-    restores the optimizer when the last one leaves. Transforms run in `order`; then
-    every observer runs on the gradients before and after the transforms.
+    There is one hook per model, over every Keras optimizer the model holds
+    (`model_optimizers`). Callbacks share it: each registers what it needs with `add`
+    in `on_train_begin` and unregisters with `remove` in `on_train_end`; the hook
+    wraps each optimizer's `apply` while anyone is registered and restores the
+    optimizers when the last one leaves. In each call of an optimizer, transforms run
+    in `order`; then every observer runs on the gradients before and after them.
+
+    Each set of participants (and the state they pass to `add`) gets its own train
+    function, made when the set first occurs and kept with the hook; `add` and
+    `remove` put the matching one into `model.train_function`. A participant whose
+    state (the variables its code writes in the step) changes must pass the new
+    state to `add`, so that a function traced with the old one is not reused.
 
     Args:
-        model: A compiled Keras model (TensorFlow backend).
+        model: A compiled Keras model (TensorFlow backend), built or not.
 
     Raises:
-        ValueError: if the model is not compiled.
+        ValueError: if the model holds no Keras optimizer (it is not compiled).
 
     Example:
 
@@ -91,32 +148,79 @@ class StepHook:
     """
 
     def __init__(self, model: keras.Model):
-        if getattr(model, "optimizer", None) is None:
+        if not model_optimizers(model):
             raise ValueError(
                 f"Model {model.name!r} is not compiled: call `model.compile(optimizer=..., "
                 "loss=...)` before training with kgrad callbacks."
             )
         self.model = model
-        self.optimizer = model.optimizer
         self.strategy = model.distribute_strategy
-        self._observers: dict[int, Observer] = {}
-        self._transforms: dict[int, tuple[int, Transform]] = {}
-        self._original_apply = None
-        self.traced = False
-        self.step: tf.Variable | None = None
+        self._participants: dict[int, _Participant] = {}
+        self._wrapped: dict[str, tuple[keras.optimizers.Optimizer, Any]] = {}
+        self._steps: dict[str, tf.Variable] = {}
+        self._variants: dict[tuple, Any] = {}
+        self._traced: dict[tuple, set[str]] = {}
+        self._key: tuple = self._make_key()
+        self.optimizers = model_optimizers(model)
 
     @classmethod
     def attach(cls, model: keras.Model) -> "StepHook":
-        """Returns the hook of `model.optimizer`, creating it if needed."""
-        optimizer = getattr(model, "optimizer", None)
-        hook = _HOOKS.get(optimizer) if optimizer is not None else None
-        if hook is None or hook.model is not model:
+        """Returns the hook of `model`, creating it if needed."""
+        hook = vars(model).get(_HOOK_ATTRIBUTE)
+        if hook is None:
             hook = cls(model)
+            object.__setattr__(model, _HOOK_ATTRIBUTE, hook)
         return hook
+
+    # -- what the step did ----------------------------------------------------------
 
     @property
     def installed(self) -> bool:
-        return self._original_apply is not None
+        return bool(self._wrapped)
+
+    @property
+    def traced_optimizers(self) -> set[str]:
+        """The optimizers that the train function now in use called when traced."""
+        return set(self._traced.get(self._key, ()))
+
+    @property
+    def traced(self) -> bool:
+        """Whether the train function now in use called any hooked optimizer."""
+        return bool(self._traced.get(self._key))
+
+    def step_variable(self, name: str = "optimizer") -> tf.Variable:
+        """The counter of the calls of optimizer `name` (its training steps)."""
+        if name not in self._steps:
+            optimizer = self.optimizers[name]
+            self._steps[name] = self.make_variable(
+                int(optimizer.iterations.numpy()), tf.int64, f"kgrad_step_{name}"
+            )
+        return self._steps[name]
+
+    @property
+    def step(self) -> tf.Variable:
+        """The step counter of `model.optimizer`, or of the only optimizer used."""
+        used = sorted(self.traced_optimizers)
+        return self.step_variable(used[0] if len(used) == 1 else "optimizer")
+
+    def unused_message(self, callback: str, advice: str) -> str:
+        """What to tell a user whose step called none of the model's optimizers.
+
+        Args:
+            callback: The callback's name, to start the message with.
+            advice: What else works for this callback (a sentence).
+        """
+        names = ", ".join(f"`model.{name}`" for name in self.optimizers)
+        return (
+            f"{callback} could not reach the gradients of model {self.model.name!r}: its "
+            f"`train_step` called none of the Keras optimizers the model holds "
+            f"({names}). kgrad sees the gradients that a Keras optimizer held by the "
+            "model applies: call `self.optimizer.apply_gradients(zip(grads, "
+            "variables))` in your step (or an optimizer you keep as an attribute, "
+            f"such as `self.g_optimizer`). {advice}"
+        )
+
+    # -- participants -----------------------------------------------------------------
 
     def add(
         self,
@@ -125,8 +229,10 @@ class StepHook:
         observe: Observer | None = None,
         transform: Transform | None = None,
         order: int = 0,
+        optimizers: Sequence[str] | None = None,
+        state: object | None = None,
     ) -> None:
-        """Registers an observer and/or a transform and (re)installs the hook.
+        """Registers an observer and/or a transform and installs the hook.
 
         Args:
             owner: The object registering (usually a callback); the key for `remove`.
@@ -134,29 +240,45 @@ class StepHook:
             transform: Called inside the traced step with a `StepContext` and the
                 current gradients; returns the gradients to hand on.
             order: Transforms run in increasing `order`. Defaults to `0`.
+            optimizers: Names of the optimizers (see `model_optimizers`) whose calls
+                this participant sees. Defaults to `None`, every optimizer.
+            state: The object that holds what `observe`/`transform` write in the step
+                (their variables). A train function traced with the same owner and
+                state is reused. Defaults to `None`: a new state at every `add`
+                (a new trace).
         """
-        if observe is not None:
-            self._observers[id(owner)] = observe
-        if transform is not None:
-            self._transforms[id(owner)] = (order, transform)
+        self._refresh()
+        self._participants[id(owner)] = _Participant(
+            observe,
+            transform,
+            order,
+            None if optimizers is None else frozenset(optimizers),
+            (serial(owner), serial(state) if state is not None else next(_COUNTER)),
+        )
+        for name in self.optimizers:
+            self.step_variable(name).assign(
+                int(self.optimizers[name].iterations.numpy())
+            )
         self._install()
+        self._select_function()
 
     def remove(self, owner: object) -> None:
-        """Unregisters `owner`; the optimizer is restored when nobody is left."""
-        self._observers.pop(id(owner), None)
-        self._transforms.pop(id(owner), None)
-        if not self._observers and not self._transforms:
+        """Unregisters `owner`; the optimizers are restored when nobody is left."""
+        if self._participants.pop(id(owner), None) is None:
+            return
+        if not self._participants:
             self._uninstall()
-        else:
-            self._retrace()
+        self._select_function()
 
     def make_variable(self, initial_value: Any, dtype: Any, name: str) -> tf.Variable:
         """Creates a non-trainable state variable that the traced step may write.
 
-        Under a distribution strategy the variable is mirrored and written from the
-        first replica only (every replica holds the same aggregated values).
+        Made eagerly even while a step is being traced (a model built by its first
+        batch gets its state there). Under a distribution strategy the variable is
+        mirrored and written from the first replica only (every replica holds the
+        same aggregated values).
         """
-        with self.strategy.scope():
+        with tf.init_scope(), self.strategy.scope():
             return tf.Variable(
                 initial_value,
                 dtype=dtype,
@@ -180,54 +302,87 @@ class StepHook:
 
     # -- installation -------------------------------------------------------------
 
+    def _refresh(self) -> None:
+        """Follows the model's optimizers (a new `compile()` may have replaced them)."""
+        current = model_optimizers(self.model)
+        if {k: id(v) for k, v in current.items()} != {
+            k: id(v) for k, v in self.optimizers.items()
+        }:
+            self._uninstall()
+            self.optimizers = current
+            self._steps = {}
+            self._variants = {}
+            self._traced = {}
+
+    def _make_key(self) -> tuple:
+        return tuple(sorted(p.token for p in self._participants.values()))
+
+    def _select_function(self) -> None:
+        """Puts the train function of the current participants into the model."""
+        model = self.model
+        current = getattr(model, "train_function", None)
+        known = any(current is function for function in self._variants.values())
+        if current is not None and not known:
+            # Made by Keras (a first fit, a new `compile()`): what was traced before
+            # belongs to another configuration.
+            self._variants = {self._key: current}
+            self._traced = {self._key: self._traced.get(self._key, set())}
+        self._key = self._make_key()
+        function = self._variants.get(self._key)
+        if function is None and current is not None:
+            model.make_train_function(force=True)
+            function = self._variants[self._key] = model.train_function
+            self._traced[self._key] = set()
+        if function is not None:
+            model.train_function = function
+
     def _install(self) -> None:
-        if self._original_apply is None:
-            if not self.optimizer.built:  # builds its state (the loss scale) eagerly
-                self.optimizer.build(self.model.trainable_variables)
-            self.step = self.make_variable(
-                int(self.optimizer.iterations.numpy()), tf.int64, "kgrad_step"
-            )
-            self._original_apply = self.optimizer.apply
-            hook = self
+        for name, optimizer in self.optimizers.items():
+            if name in self._wrapped:
+                continue
+            original = optimizer.apply
 
-            def apply(grads, trainable_variables=None):
-                return hook._apply(grads, trainable_variables)
+            def apply(grads, trainable_variables=None, _name=name, _original=original):
+                return self._apply(_name, _original, grads, trainable_variables)
 
-            self.optimizer.apply = apply
-            _HOOKS[self.optimizer] = self
-        self._retrace()
+            optimizer.apply = apply
+            self._wrapped[name] = (optimizer, original)
 
     def _uninstall(self) -> None:
-        if self._original_apply is not None:
+        for optimizer, _ in self._wrapped.values():
             # The instance attribute shadows the class method; deleting it restores it.
-            del self.optimizer.apply
-            self._original_apply = None
-            _HOOKS.pop(self.optimizer, None)
-        self._retrace()
-
-    def _retrace(self) -> None:
-        self.traced = False
-        # The hook is Python code traced into the train function: rebuild it so the
-        # next step sees (or stops seeing) the hook. fit() reads `train_function`
-        # afresh at every step, so this is safe from `on_train_begin`.
-        if getattr(self.model, "train_function", None) is not None:
-            self.model.make_train_function(force=True)
+            if "apply" in vars(optimizer):
+                del optimizer.apply
+        self._wrapped = {}
 
     # -- the traced step -----------------------------------------------------------
 
-    def _loss_scale(self) -> Any:
-        optimizer = self.optimizer
+    def _loss_scale(self, optimizer: keras.optimizers.Optimizer) -> Any:
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             return optimizer.dynamic_scale
         return getattr(optimizer, "loss_scale_factor", None)
 
-    def _apply(self, grads: Sequence[Any], trainable_variables: Any = None) -> Any:
-        self.traced = True
-        if trainable_variables is None:
-            trainable_variables = self.optimizer._trainable_variables
-        variables = list(trainable_variables)
+    def _apply(
+        self, name: str, original: Any, grads: Sequence[Any], trainable_variables: Any
+    ) -> Any:
+        optimizer = self.optimizers[name]
+        self._traced.setdefault(self._key, set()).add(name)
         grads = list(grads)
-        scale = self._loss_scale()
+        if trainable_variables is None:
+            trainable_variables = optimizer._trainable_variables
+        variables = list(trainable_variables)
+        participants = [p for p in self._participants.values() if p.wants(name)]
+        if not participants or not grads:
+            return original(grads, trainable_variables)
+        if not optimizer.built and isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            # What `apply` itself does first: the loss scale is optimizer state, built
+            # from the variables the step passes.
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(variables)
+            optimizer.built = True
+        scale = self._loss_scale(optimizer)
         unscaled = grads if scale is None else [scale_gradient(g, 1.0 / scale) for g in grads]
 
         replicas = self.strategy.num_replicas_in_sync
@@ -243,20 +398,23 @@ class StepHook:
         else:
             aggregated = unscaled
 
-        step = self.step.read_value()
+        step_variable = self._steps[name]
         context = StepContext(
             variables=variables,
             gradients=aggregated,
             applied=aggregated,
-            step=step,
+            step=step_variable.read_value(),
             strategy=self.strategy,
+            optimizer_name=name,
         )
         transformed = aggregated
-        for _, transform in sorted(self._transforms.values(), key=lambda t: t[0]):
-            transformed = transform(context, transformed)
+        transforms = [p for p in participants if p.transform is not None]
+        for participant in sorted(transforms, key=lambda p: p.order):
+            transformed = participant.transform(context, transformed)
         context.applied = transformed
-        for observe in self._observers.values():
-            observe(context)
+        for participant in participants:
+            if participant.observe is not None:
+                participant.observe(context)
 
         if transformed is not aggregated:
             # Each replica hands on its share of the transformed aggregate, so that the
@@ -267,6 +425,6 @@ class StepHook:
                 share = 1.0 / replicas if replicas > 1 else 1.0
                 factor = share if scale is None else scale * share
                 grads = [scale_gradient(g, factor) for g in transformed]
-        result = self._original_apply(grads, trainable_variables)
-        self.step.assign_add(1)
+        result = original(grads, trainable_variables)
+        step_variable.assign_add(1)
         return result

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import keras
@@ -10,6 +12,11 @@ import numpy as np
 import tensorflow as tf
 
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
+from kgrad.capture.optimizers import (
+    check_optimizer_names,
+    model_optimizers,
+    select_optimizers,
+)
 from kgrad.capture.step_hook import StepContext, StepHook
 from kgrad.capture.variables import track_variables
 from kgrad.control import clipping_functions as clip
@@ -79,13 +86,18 @@ class GradientClipping(KgradCallback):
         exclude_final_layer: `agc` only: leave the last layer (by forward depth)
             unclipped, as the paper does. Defaults to `True`.
         verbose: `1` prints the clipped fraction after each epoch. Defaults to `0`.
+        optimizers: The optimizers whose gradients are clipped, by the model
+            attribute that holds them (`["g_optimizer"]`). Defaults to `None`: every
+            optimizer the training step calls (a GAN's `d_optimizer` and
+            `g_optimizer`, each clipped on its own gradients).
 
     Raises:
         ValueError: for an unknown `mode` or an out-of-range value; in
-            `on_train_begin` when the optimizer clips too (`clipnorm`, `clipvalue`
-            or `global_clipnorm`) or the model is not compiled.
-        RuntimeError: at the first epoch end when the model's `train_step` never
-            handed its gradients to `model.optimizer.apply`.
+            `on_train_begin` when an optimizer clips too (`clipnorm`, `clipvalue`
+            or `global_clipnorm`), the model is not compiled or `optimizers` names
+            an optimizer the model does not hold.
+        RuntimeError: after the first step when the model's `train_step` called
+            none of the optimizers to clip (a warning when it called only some).
 
     References:
         Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent
@@ -106,12 +118,12 @@ class GradientClipping(KgradCallback):
     _transient = (
         "_model",
         "_hook",
+        "_state",
         "_threshold_variable",
         "_percentile_variable",
         "_history",
         "_current_threshold",
         "_clipped_steps",
-        "_step_counter",
     )
 
     def __init__(
@@ -123,8 +135,10 @@ class GradientClipping(KgradCallback):
         epsilon: float = 1e-3,
         exclude_final_layer: bool = True,
         verbose: int = 0,
+        optimizers: str | Sequence[str] | None = None,
     ):
         super().__init__()
+        self.optimizers = check_optimizer_names(optimizers)
         if mode not in CLIP_MODES:
             raise ValueError(
                 f"`mode` must be one of {', '.join(CLIP_MODES)}. "
@@ -195,7 +209,7 @@ class GradientClipping(KgradCallback):
         """
         if self._clipped_steps is None:
             return float("nan")
-        seen = int(self._step_counter.numpy()) - self._first_step
+        seen = self._steps_seen() - self._first_step
         return int(self._clipped_steps.numpy()) / seen if seen else float("nan")
 
     def history(self) -> np.ndarray:
@@ -213,56 +227,52 @@ class GradientClipping(KgradCallback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
         check_trainable(model)
-        self._check_optimizer(model.optimizer)
-        tracked = track_variables(model)
-        self._groups: dict[int, int] = {}  # id(variable) -> layer depth
-        for item in tracked:
-            self._groups[id(item.variable)] = item.depth
-        final_depth = max(item.depth for item in tracked)
-        self._final_layer = {
-            id(item.variable) for item in tracked if item.depth == final_depth
-        }
+        self._selected = list(select_optimizers(model, self.optimizers))
+        for name, optimizer in model_optimizers(model).items():
+            if name in self._selected:
+                self._check_optimizer(optimizer)
         hook = StepHook.attach(model)
+        state = self._state
+        if state is None or state.hook is not hook:
+            # Kept across `fit()` calls: the train function traced with these
+            # variables is then reused.
+            state = self._state = _ClipState(hook, self.mode, self.history_size)
         self._hook = hook
-        self._threshold_variable = hook.make_variable(
-            self._threshold or 0.0, tf.float32, "kgrad_clip_threshold"
-        )
-        self._percentile_variable = hook.make_variable(
-            self._percentile, tf.float32, "kgrad_clip_percentile"
-        )
-        if self.mode == "autoclip":
-            self._current_threshold = hook.make_variable(
-                float("nan"), tf.float32, "kgrad_clip_current"
-            )
-            self._history = NormHistory(hook, self.history_size)
-        self._clipped_steps = hook.make_variable(0, tf.int64, "kgrad_clipped_steps")
+        self._threshold_variable = state.threshold
+        self._threshold_variable.assign(self._threshold or 0.0)
+        self._percentile_variable = state.percentile
+        self._percentile_variable.assign(self._percentile)
+        self._current_threshold = state.current_threshold
+        self._history = state.history
+        if self._history is not None:  # each `fit()` starts its own history
+            self._history.count.assign(0)
+            self._current_threshold.assign(float("nan"))
+        self._clipped_steps = state.clipped_steps
+        self._clipped_steps.assign(0)
         self._checked_hook = False
-        hook.add(self, transform=self._transform)
-        # The hook counts the steps already: the clipped fraction needs no counter
-        # of its own in the traced step.
-        self._step_counter = hook.step
-        self._first_step = int(hook.step.numpy())
+        hook.add(
+            self,
+            transform=self._transform,
+            optimizers=self._selected,
+            state=state,
+        )
+        self._first_step = self._steps_seen()
         self._epoch_start = (0, self._first_step)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch_start = (
-            int(self._clipped_steps.numpy()),
-            int(self._step_counter.numpy()),
-        )
+        self._epoch_start = (int(self._clipped_steps.numpy()), self._steps_seen())
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self._checked_hook:
+            self._checked_hook = True
+            self._check_hooked()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not self._checked_hook:
             self._checked_hook = True
-            if not self._hook.traced:
-                raise RuntimeError(
-                    f"GradientClipping could not reach the gradients of model "
-                    f"{self.model.name!r}: its `train_step` never called "
-                    "`model.optimizer.apply`/`apply_gradients`, so nothing was "
-                    "clipped. "
-                    "Clip inside your `train_step` instead."
-                )
+            self._check_hooked()
         clipped = int(self._clipped_steps.numpy()) - self._epoch_start[0]
-        seen = int(self._step_counter.numpy()) - self._epoch_start[1]
+        seen = self._steps_seen() - self._epoch_start[1]
         fraction = clipped / seen if seen else float("nan")
         threshold = self.threshold
         if logs is not None:
@@ -281,6 +291,36 @@ class GradientClipping(KgradCallback):
 
     # -- internals ---------------------------------------------------------------------
 
+    def _steps_seen(self) -> int:
+        """Calls of the clipped optimizers so far (the hook counts them)."""
+        hook = self._state.hook
+        return sum(int(hook.step_variable(name).numpy()) for name in self._selected)
+
+    def _check_hooked(self) -> None:
+        used = self._hook.traced_optimizers
+        clipped = [name for name in self._selected if name in used]
+        if not clipped:
+            raise RuntimeError(
+                self._hook.unused_message(
+                    "GradientClipping",
+                    "Otherwise clip inside your `train_step`.",
+                )
+                if not used
+                else (
+                    f"GradientClipping clips `optimizers={self._selected}`, but the "
+                    f"training step of model {self.model.name!r} calls only "
+                    f"{sorted(used)}: nothing was clipped. Name those in "
+                    "`optimizers=` (or leave it unset to clip every one)."
+                )
+            )
+        unused = [name for name in self._selected if name not in used]
+        if unused and self.optimizers is not None:
+            warnings.warn(
+                f"GradientClipping: the training step never calls {unused} of "
+                f"`optimizers={self.optimizers}`; only {clipped} are clipped.",
+                stacklevel=2,
+            )
+
     def _check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
             for option in _OPTIMIZER_CLIP_OPTIONS:
@@ -293,15 +333,25 @@ class GradientClipping(KgradCallback):
                         "optimizer, or drop GradientClipping from the callbacks."
                     )
 
+    def _depths(self, context: StepContext) -> tuple[dict[int, int], set[int]]:
+        """Layer depth of each variable of the step, and the final layer's variables
+        (the model is built when the step is traced)."""
+        tracked = track_variables(self.model)
+        updated = {id(variable) for variable in context.variables}
+        depth = {id(t.variable): t.depth for t in tracked if id(t.variable) in updated}
+        final = max(depth.values(), default=-1)
+        return depth, {key for key, value in depth.items() if value == final}
+
     def _transform(self, context: StepContext, gradients: list[Any]) -> list[Any]:
         mode = self.mode
         threshold = self._threshold_variable.read_value()
         if mode == "global_norm":
             clipped, _, hit = clip.clip_by_global_norm(gradients, threshold)
         elif mode == "layer_norm":
+            depth, _ = self._depths(context)
             groups: dict[int, list[int]] = defaultdict(list)
             for index, variable in enumerate(context.variables):
-                groups[self._groups.get(id(variable), -1 - index)].append(index)
+                groups[depth.get(id(variable), -1 - index)].append(index)
             clipped, hit = clip.clip_by_group_norm(
                 gradients, list(groups.values()), threshold
             )
@@ -311,8 +361,9 @@ class GradientClipping(KgradCallback):
             threshold, norm = self._autoclip_threshold(gradients)
             clipped, _, hit = clip.clip_by_global_norm(gradients, threshold, norm)
         else:
+            _, final_layer = self._depths(context)
             skip = [
-                self.exclude_final_layer and id(variable) in self._final_layer
+                self.exclude_final_layer and id(variable) in final_layer
                 for variable in context.variables
             ]
             clipped, hit = clip.adaptive_clip(
@@ -335,3 +386,19 @@ class GradientClipping(KgradCallback):
         )
         self._current_threshold.assign(threshold)
         return threshold, norm
+
+
+class _ClipState:
+    """The variables `GradientClipping` writes in the step, kept across `fit()` calls."""
+
+    def __init__(self, hook: StepHook, mode: str, history_size: int):
+        self.hook = hook
+        self.threshold = hook.make_variable(0.0, tf.float32, "kgrad_clip_threshold")
+        self.percentile = hook.make_variable(0.0, tf.float32, "kgrad_clip_percentile")
+        self.current_threshold = self.history = None
+        if mode == "autoclip":
+            self.current_threshold = hook.make_variable(
+                float("nan"), tf.float32, "kgrad_clip_current"
+            )
+            self.history = NormHistory(hook, history_size)
+        self.clipped_steps = hook.make_variable(0, tf.int64, "kgrad_clipped_steps")

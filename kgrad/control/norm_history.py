@@ -24,7 +24,7 @@ class NormHistory:
     def __init__(self, hook: StepHook, size: int):
         self.size = int(size)
         self.values = hook.make_variable(
-            tf.zeros((self.size,), tf.float32), tf.float32, "kgrad_norm_history"
+            np.zeros((self.size,), np.float32), tf.float32, "kgrad_norm_history"
         )
         self.count = hook.make_variable(0, tf.int64, "kgrad_norm_history_count")
 
