@@ -1,0 +1,394 @@
+"""The step hook wherever Keras trains: models built by their first batch, custom steps
+with several optimizers (GAN, VAE), and fit after fit without a new trace."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kgrad
+
+BATCH = 16
+
+
+def _data(n=32, features=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = rng.normal(size=(n, 1)).astype("float32")
+    return x, y
+
+
+class SubclassedNet(keras.Model):
+    """The guide's workflow: layers in `__init__`, a `call`, no `Input`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(5, activation="tanh", name="hidden")
+        self.out = keras.layers.Dense(1, name="out")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def _input_less_sequential():
+    return keras.Sequential(
+        [
+            keras.layers.Dense(5, activation="relu", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+
+
+def _hand_norms(model, x, y):
+    """{(layer, variable): [norm per batch]} by GradientTape at the current weights."""
+    out = {}
+    for start in range(0, len(x), BATCH):
+        xb, yb = x[start : start + BATCH], y[start : start + BATCH]
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x=xb, y=yb, y_pred=model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        for item in kgrad.track_variables(model):
+            key = (item.layer, item.name)
+            out.setdefault(key, []).append(float(tf.norm(grads[item.index])))
+    return out
+
+
+def _count_traces(model):
+    """Counts the traces of `model.train_step` (one call per trace when compiled)."""
+    calls = []
+    train_step = model.train_step
+
+    def counting(data):
+        calls.append(1)
+        return train_step(data)
+
+    model.train_step = counting
+    return calls
+
+
+@pytest.mark.parametrize("make", [SubclassedNet, _input_less_sequential])
+def test_unbuilt_models_with_every_callback_at_once(make):
+    x, y = _data()
+    model = make()
+    # lr 0: the weights stay where they are, so every step can be recomputed by hand.
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    assert not model.built
+    logger = kgrad.GradientNormLogger()
+    callbacks = [
+        logger,
+        kgrad.GradientHealthMonitor(probe_data=x, probe_every_n_steps=1, verbose=0),
+        kgrad.GradientClipping("global_norm", threshold=1e6),
+        kgrad.EarlyStopping(monitor="loss", patience=5),
+        kgrad.LearningRateWarmup(warmup_steps=2),
+    ]
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+    frame = logger.to_dataframe()
+    expected = _hand_norms(model, x, y)
+    assert len(frame) == 2 * 2 * 4  # 2 epochs x 2 steps x 4 variables
+    for (layer, variable), norms in expected.items():
+        rows = frame[(frame.layer == layer) & (frame.variable == variable)]
+        np.testing.assert_allclose(rows.grad_norm, norms * 2, rtol=1e-5)
+    assert set(frame.optimizer) == {"optimizer"}
+
+
+@pytest.mark.parametrize("make", [SubclassedNet, _input_less_sequential])
+def test_unbuilt_model_with_a_filter_that_matches_nothing_fails_at_the_first_step(make):
+    x, y = _data()
+    model = make()
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match=r"layers=\['nothing\*'\]"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[kgrad.GradientNormLogger(layers="nothing*")])
+
+
+def _fit_twice_then_plain(model, callbacks, x, y):
+    calls = _count_traces(model)
+    counts = []
+    for kgrad_fit in (True, True, False, False, True):
+        model.fit(
+            x, y, batch_size=BATCH, epochs=2, verbose=0,
+            callbacks=callbacks if kgrad_fit else None,
+        )
+        counts.append(len(calls))
+    return counts
+
+
+def test_fit_after_fit_traces_nothing_new():
+    x, y = _data()
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # plain, traced once
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping("agc")
+    counts = _fit_twice_then_plain(model, [logger, clipping], x, y)
+    traced = counts[0]
+    # The first fit with kgrad traces; the second, the plain ones after it (the plain
+    # function traced before) and a kgrad fit after those trace nothing new.
+    assert counts == [traced] * 5, counts
+    # ... and the reused function still records every step of each fit.
+    assert len(logger.records) == 2 * 2
+
+
+def test_a_new_compile_gets_a_new_trace_with_the_new_optimizer():
+    x, y = _data()
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    logger = kgrad.GradientNormLogger()
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[logger])
+    model.compile(optimizer=keras.optimizers.Adam(0.0), loss="mse")
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    expected = _hand_norms(model, x, y)
+    frame = logger.to_dataframe()
+    rows = frame[frame.variable == "kernel"]
+    np.testing.assert_allclose(rows.grad_norm, expected[("dense", "kernel")], rtol=1e-5)
+    assert int(model.optimizer.iterations.numpy()) == 2
+
+
+# -- a GAN: a custom step with two optimizers --------------------------------------------
+
+
+class TwoOptimizerGAN(keras.Model):
+    """keras-io's GAN pattern, deterministic: `compile(d_optimizer=, g_optimizer=)`,
+    a `train_step` calling both optimizers, no `call()`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(6, activation="tanh", name="g_dense"),
+             keras.layers.Dense(6, name="g_out")],
+            name="generator",
+        )
+        self.discriminator = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(5, activation="relu", name="d_dense"),
+             keras.layers.Dense(1, name="d_out")],
+            name="discriminator",
+        )
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile()
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+
+    def losses_of(self, real, latent):
+        fake = self.generator(latent)
+        real_score = self.discriminator(real)
+        fake_score = self.discriminator(fake)
+        d_loss = keras.ops.mean(keras.ops.softplus(-real_score)) + keras.ops.mean(
+            keras.ops.softplus(fake_score)
+        )
+        g_loss = keras.ops.mean(keras.ops.softplus(-fake_score))
+        return d_loss, g_loss
+
+    def train_step(self, data):
+        real = data
+        latent = real[:, :4] * 0.5  # deterministic "noise", so steps can be redone
+        with tf.GradientTape() as tape:
+            d_loss, _ = self.losses_of(real, latent)
+        d_vars = self.discriminator.trainable_variables
+        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
+        with tf.GradientTape() as tape:
+            _, g_loss = self.losses_of(real, latent)
+        g_vars = self.generator.trainable_variables
+        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def _gan_hand_norms(gan, real):
+    """Per optimizer, {(layer, variable): [norm per batch]} and [global norm per batch]."""
+    out = {"d_optimizer": ({}, []), "g_optimizer": ({}, [])}
+    for start in range(0, len(real), BATCH):
+        batch = real[start : start + BATCH]
+        latent = batch[:, :4] * 0.5
+        for name, sub, index in (
+            ("d_optimizer", gan.discriminator, 0),
+            ("g_optimizer", gan.generator, 1),
+        ):
+            with tf.GradientTape() as tape:
+                loss = gan.losses_of(batch, latent)[index]
+            grads = tape.gradient(loss, sub.trainable_variables)
+            per_variable, global_norms = out[name]
+            for variable, grad in zip(sub.trainable_variables, grads):
+                layer = f"{sub.name}/{variable.path.split('/')[-2]}"
+                per_variable.setdefault((layer, variable.name), []).append(
+                    float(tf.norm(grad))
+                )
+            global_norms.append(float(tf.linalg.global_norm(grads)))
+    return out
+
+
+def _gan(learning_rate=0.0):
+    gan = TwoOptimizerGAN(name="gan")
+    gan.compile(
+        d_optimizer=keras.optimizers.SGD(learning_rate),
+        g_optimizer=keras.optimizers.SGD(learning_rate),
+    )
+    return gan
+
+
+def test_gan_records_per_optimizer_equal_gradient_tape():
+    real, _ = _data()
+    gan = _gan()
+    logger = kgrad.GradientNormLogger()
+    gan.fit(real, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[logger])
+    frame = logger.to_dataframe()
+    assert set(frame.optimizer) == {"d_optimizer", "g_optimizer"}
+    assert set(logger.records_by_optimizer) == {"d_optimizer", "g_optimizer"}
+    expected = _gan_hand_norms(gan, real)
+    for name, (per_variable, global_norms) in expected.items():
+        part = frame[frame.optimizer == name]
+        # Layers keep their sub-model path.
+        assert all(layer.startswith(name[0]) for layer in part.layer.astype(str))
+        for (layer, variable), norms in per_variable.items():
+            rows = part[(part.layer == layer) & (part.variable == variable)]
+            np.testing.assert_allclose(rows.grad_norm, norms * 2, rtol=1e-5)
+        globals_ = part.drop_duplicates("step").global_norm
+        np.testing.assert_allclose(globals_, global_norms * 2, rtol=1e-5)
+    # The default optimizer that compile() made is never called: nothing of it.
+    assert int(gan.optimizer.iterations.numpy()) == 0
+
+
+def test_gan_clipping_acts_on_both_optimizers_and_the_logger_sees_it():
+    real, _ = _data()
+    gan = _gan()
+    expected = _gan_hand_norms(gan, real)
+    threshold = 0.5 * min(min(norms) for _, norms in expected.values())
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping("global_norm", threshold=threshold)
+    gan.fit(real, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+            callbacks=[logger, clipping])
+    frame = logger.to_dataframe()
+    for name, (_, global_norms) in expected.items():
+        part = frame[frame.optimizer == name]
+        np.testing.assert_allclose(part.drop_duplicates("step").global_norm, global_norms, rtol=1e-5)
+        # Each optimizer's global norm is clipped to the threshold on its own.
+        clipped = part.groupby("step").clipped_grad_norm.apply(lambda g: np.sqrt((g**2).sum()))
+        np.testing.assert_allclose(clipped, threshold, rtol=1e-4)
+    assert clipping.clipped_fraction == 1.0
+
+
+def test_gan_clipping_of_one_optimizer_leaves_the_other_alone():
+    real, _ = _data()
+    gan = _gan()
+    expected = _gan_hand_norms(gan, real)
+    logger = kgrad.GradientNormLogger()
+    clipping = kgrad.GradientClipping("global_norm", threshold=1e-3, optimizers="g_optimizer")
+    gan.fit(real, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+            callbacks=[logger, clipping])
+    frame = logger.to_dataframe()
+    g = frame[frame.optimizer == "g_optimizer"].groupby("step").clipped_grad_norm
+    np.testing.assert_allclose(g.apply(lambda v: np.sqrt((v**2).sum())), 1e-3, rtol=1e-4)
+    d = frame[frame.optimizer == "d_optimizer"]
+    np.testing.assert_allclose(d.clipped_grad_norm, d.grad_norm)
+    np.testing.assert_allclose(d.drop_duplicates("step").global_norm, expected["d_optimizer"][1], rtol=1e-5)
+
+
+def test_clipping_an_optimizer_the_step_never_calls_says_so_after_the_first_step():
+    real, _ = _data()
+    gan = _gan()
+    clipping = kgrad.GradientClipping("global_norm", optimizers=["optimizer"])
+    with pytest.raises(RuntimeError, match=r"calls only \['d_optimizer', 'g_optimizer'\]"):
+        gan.fit(real, batch_size=BATCH, epochs=1, verbose=0, callbacks=[clipping])
+
+
+def test_clipping_rejects_an_optimizer_the_model_does_not_hold():
+    real, _ = _data()
+    gan = _gan()
+    clipping = kgrad.GradientClipping("global_norm", optimizers=["e_optimizer"])
+    with pytest.raises(ValueError, match="e_optimizer.*d_optimizer, g_optimizer"):
+        gan.fit(real, batch_size=BATCH, epochs=1, verbose=0, callbacks=[clipping])
+
+
+def test_gan_monitor_judges_each_optimizer_on_its_own():
+    real, _ = _data()
+    gan = _gan()
+    monitor = kgrad.GradientHealthMonitor(verbose=0)
+    gan.fit(real, batch_size=BATCH, epochs=2, verbose=0, callbacks=[monitor])
+    assert set(monitor.records_by_optimizer) == {"d_optimizer", "g_optimizer"}
+    for name in ("d_optimizer", "g_optimizer"):
+        assert len(monitor.records_by_optimizer[name]) == 4
+        assert monitor.report(optimizer=name).layers is not None
+    with pytest.raises(ValueError, match="optimizer='optimizer'"):
+        monitor.report(optimizer="optimizer")
+
+
+# -- a VAE: its own step, one optimizer, no call() ---------------------------------------
+
+
+class TinyVAE(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(4, activation="relu", name="enc"),
+             keras.layers.Dense(4, name="stats")],
+            name="encoder",
+        )
+        self.decoder = keras.Sequential(
+            [keras.Input((2,)), keras.layers.Dense(6, name="dec")], name="decoder"
+        )
+
+    def loss_of(self, x):
+        stats = self.encoder(x)
+        mean, log_var = stats[:, :2], stats[:, 2:]
+        z = mean  # the posterior mean: deterministic, so steps can be redone
+        reconstruction = self.decoder(z)
+        kl = -0.5 * keras.ops.mean(1 + log_var - mean**2 - keras.ops.exp(log_var))
+        return keras.ops.mean((x - reconstruction) ** 2) + kl
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            loss = self.loss_of(data)
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return {"loss": loss}
+
+
+def test_vae_with_its_own_step_records_exact_norms():
+    x, _ = _data()
+    vae = TinyVAE(name="vae")
+    vae.compile(optimizer=keras.optimizers.Adam(0.0))
+    logger = kgrad.GradientNormLogger()
+    vae.fit(x, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    frame = logger.to_dataframe()
+    assert {"encoder/enc", "encoder/stats", "decoder/dec"} == set(frame.layer.astype(str))
+    for start, step in zip(range(0, len(x), BATCH), sorted(set(frame.step))):
+        with tf.GradientTape() as tape:
+            loss = vae.loss_of(x[start : start + BATCH])
+        grads = tape.gradient(loss, vae.trainable_variables)
+        np.testing.assert_allclose(
+            frame[frame.step == step].global_norm.iloc[0],
+            float(tf.linalg.global_norm(grads)),
+            rtol=1e-5,
+        )
+
+
+class NoOptimizerStep(keras.Model):
+    """A step that updates its weights by hand: no Keras optimizer is called."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean((self(x) - y) ** 2)
+        for variable, grad in zip(self.trainable_variables, tape.gradient(loss, self.trainable_variables)):
+            variable.assign_sub(0.01 * grad)
+        return {"loss": loss}
+
+
+def test_a_step_without_a_keras_optimizer_gets_advice_that_works():
+    x, y = _data()
+    model = NoOptimizerStep(name="by_hand")
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(RuntimeError, match="called none of the Keras optimizers") as error:
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[kgrad.GradientNormLogger()])
+    assert "probe_data=" in str(error.value)
+    # The advice works: probe mode records the gradients of the same model.
+    logger = kgrad.GradientNormLogger(probe_data=(x[:BATCH], y[:BATCH]))
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[logger])
+    assert len(logger.records) == 2 and np.isfinite(logger.records.grad_norms).all()
