@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kgrad.callbacks.base import KgradCallback, check_positive_int
+from kgrad.capture.optimizers import model_optimizers
 from kgrad.capture.step_hook import StepContext, StepHook
 from kgrad.control.arguments import check_number
 
@@ -26,6 +29,40 @@ def gradients_finite(gradients: Sequence[Any]) -> tf.Tensor:
         values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
         checks.append(tf.reduce_all(tf.math.is_finite(values)))
     return tf.reduce_all(tf.stack(checks))
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether a logged value (a float, or an array such as `F1Score`'s) is finite."""
+    return bool(np.all(np.isfinite(np.asarray(value, dtype=np.float64))))
+
+
+def _format(value: Any) -> str:
+    """A logged value for a message: `0.5`, or `[0.5 0.7]` for an array."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.size == 1:
+        return f"{array.item():.4g}"
+    return np.array2string(array, precision=4)
+
+
+def _written_by_callbacks(key: str) -> bool:
+    """Whether `key` is one that callbacks, not the model, put into the epoch logs.
+
+    kgrad's callbacks write namespaced keys (`grad_norm/global`, `health/decay`);
+    Keras's learning-rate callbacks write `learning_rate`.
+    """
+    return "/" in key or key == "learning_rate"
+
+
+@dataclasses.dataclass(eq=False)
+class _FiniteFlags:
+    """Per optimizer, the count of steps with a non-finite gradient (a step variable)."""
+
+    hook: StepHook
+    names: list[str]
+    counts: tf.Variable
+
+    def index(self, name: str) -> int | None:
+        return self.names.index(name) if name in self.names else None
 
 
 # Where the first-to-last ratio comes from, best first: the diagnosis detectors'
@@ -112,7 +149,7 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
     _transient = (
         "_model",
         "_hook",
-        "_nonfinite_steps",
+        "_flags",
         "_initial_weights",
         "best_weights",
     )
@@ -134,6 +171,11 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         vanishing_threshold: float = 1e-4,
         vanishing_monitor: str | None = None,
     ):
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                "`monitor` must be the name of a quantity in the logs, such as "
+                f"'val_loss', 'loss' or 'val_accuracy'. Received: monitor={monitor!r}"
+            )
         if mode not in ("auto", "min", "max"):
             raise ValueError(
                 f"`mode` must be one of auto, min, max. Received: mode={mode!r}"
@@ -165,13 +207,24 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
             vanishing_threshold, "vanishing_threshold", greater_than=0
         )
         self.vanishing_monitor = vanishing_monitor
-        # Without the finite check the batch hook does nothing.
-        self.async_safe = not self.check_finite
         self.stop_reason: str | None = None
         self.stopped_batch: int | None = None
+        self._stopped_nonfinite = False
+        self._monitor_checked = False
+        self._epoch = 0
         self._hook: StepHook | None = None
-        self._nonfinite_steps = None
+        self._flags: _FiniteFlags | None = None
         self._initial_weights = None
+        self._initial_weights_pending = False
+
+    @property
+    def async_safe(self) -> bool:
+        """Whether Keras may run the batch hooks on a worker thread.
+
+        Without the finite check the batch hook reads nothing but its `logs`; with
+        it, it reads a variable of the step (one scalar read per step).
+        """
+        return not self.check_finite
 
     # -- callback hooks ----------------------------------------------------------------
 
@@ -180,76 +233,80 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         self.stop_reason = None
         self.stopped_batch = None
         self._stopped_nonfinite = False
+        self._monitor_checked = False
         self._vanishing_wait = 0
         self._epoch = 0
-        self._initial_weights = (
-            self.model.get_weights()
-            if self.check_finite and self.restore_best_weights
-            else None
-        )
-        self._nonfinite_steps = None
-        optimizer = self.model.optimizer
-        if self.check_finite and not isinstance(
-            optimizer, keras.optimizers.LossScaleOptimizer
-        ):
-            self._hook = StepHook.attach(self.model)
-            self._nonfinite_steps = self._hook.make_variable(
-                0, tf.int64, "kgrad_nonfinite_steps"
-            )
-            self._hook.add(self, observe=self._observe)
+        self._initial_weights = None
+        # A model that Keras builds in its first step has no weights yet: its
+        # fallback weights are taken after the first (finite) batch instead.
+        self._initial_weights_pending = self.check_finite and self.restore_best_weights
+        if self._initial_weights_pending and getattr(self.model, "built", True):
+            self._initial_weights = self.model.get_weights()
+            self._initial_weights_pending = False
+        self._attach()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if not self._monitor_checked:
+            self._monitor_checked = True
+            self._check_monitor_logged(logs)
         if not self.check_finite or self._stopped_nonfinite:
             return
-        loss = (logs or {}).get("loss")
-        bad_loss = loss is not None and not math.isfinite(float(loss))
-        bad_gradient = (
-            self._nonfinite_steps is not None and int(self._nonfinite_steps.numpy()) > 0
-        )
-        if bad_loss or bad_gradient:
+        loss = logs.get("loss")
+        bad_loss = loss is not None and not _all_finite(loss)
+        bad_optimizers = self._nonfinite_optimizers()
+        if bad_loss or bad_optimizers is not None:
+            gradient = "gradient"
+            if bad_optimizers:
+                gradient += f" ({', '.join(bad_optimizers)})"
             what = " and ".join(
-                ([f"loss ({float(loss)})"] if bad_loss else [])
-                + (["gradient"] if bad_gradient else [])
+                ([f"loss ({_format(loss)})"] if bad_loss else [])
+                + ([gradient] if bad_optimizers is not None else [])
             )
             self.stopped_batch = batch
             where = f"epoch {self._epoch + 1}, batch {batch + 1}"
             self._stop_nonfinite(f"non-finite {what} at {where}")
+        elif self._initial_weights_pending:
+            self._initial_weights = self.model.get_weights()
+            self._initial_weights_pending = False
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self._stopped_nonfinite:
             return  # the weights are not finite: they must not become the best
         current = self.get_monitor_value(logs)
-        if self.check_finite and not math.isfinite(float(current)):
+        if self.check_finite and not _all_finite(current):
             self._stop_nonfinite(
-                f"non-finite `{self.monitor}` ({float(current)}) at epoch {epoch + 1}"
+                f"non-finite `{self.monitor}` ({_format(current)}) at epoch {epoch + 1}"
             )
             return
+        stopped_before = self.stopped_epoch
         super().on_epoch_end(epoch, logs)
-        if self.model.stop_training and self.stopped_epoch == epoch:
+        # A model that was never compiled or fitted has no `stop_training` yet.
+        stopping = getattr(self.model, "stop_training", False)
+        if stopping and self.stopped_epoch != stopped_before:
             self.stop_reason = (
                 f"no improvement in `{self.monitor}` for {self.wait} epochs (best "
-                f"{float(self.best):.4g} at epoch {self.best_epoch + 1})"
+                f"{_format(self.best)} at epoch {self.best_epoch + 1})"
             )
             return
-        if self.stopping_threshold is not None and (
-            current == self.stopping_threshold
-            or self.monitor_op(current, self.stopping_threshold)
+        if self.stopping_threshold is not None and self._at_least_as_good(
+            current, self.stopping_threshold
         ):
             self._stop(
                 epoch,
                 f"`{self.monitor}` reached the stopping threshold "
-                f"{self.stopping_threshold:.4g} ({float(current):.4g}) at epoch "
+                f"{self.stopping_threshold:.4g} ({_format(current)}) at epoch "
                 f"{epoch + 1}",
             )
-        elif self.divergence_threshold is not None and self.monitor_op(
+        elif self.divergence_threshold is not None and self._better(
             self.divergence_threshold, current
         ):
             self._stop(
                 epoch,
-                f"`{self.monitor}` diverged: {float(current):.4g} is worse than "
+                f"`{self.monitor}` diverged: {_format(current)} is worse than "
                 f"divergence_threshold={self.divergence_threshold:.4g} at epoch "
                 f"{epoch + 1}",
             )
@@ -257,23 +314,15 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
             self._check_vanishing(epoch, logs or {})
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        if self._hook is not None:
-            self._hook.remove(self)
-            self._hook = None
+        self._detach()
         if self.stop_reason is not None and self.verbose > 0:
             print(f"EarlyStopping: {self.stop_reason}")
         if (
             self._stopped_nonfinite
             and self.restore_best_weights
             and self.best_weights is None
-            and self._initial_weights is not None
         ):
-            if self.verbose > 0:
-                print(
-                    "Restoring model weights from the start of training (no epoch "
-                    "completed with finite values)."
-                )
-            self.model.set_weights(self._initial_weights)
+            self._restore_fallback_weights()
         super().on_train_end(logs)
         self._initial_weights = None
 
@@ -281,18 +330,117 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         """The monitored value; raises (Keras only warns) when it is not in `logs`."""
         logs = logs or {}
         if self.monitor not in logs:
-            raise ValueError(
+            self._fail(
                 f"EarlyStopping monitors `{self.monitor}`, which is not in the logs. "
                 f"Available: {', '.join(logs) or 'nothing'}. Pick one of those as "
-                "`monitor` (for `val_*`, pass validation data to `fit`)."
+                "`monitor` (for `val_*`, pass validation data to `fit`). Received: "
+                f"monitor={self.monitor!r}"
             )
         return logs[self.monitor]
 
     # -- internals ---------------------------------------------------------------------
 
+    def _check_monitor_logged(self, logs: dict) -> None:
+        """A training metric must be in the first batch's logs (`val_*` wait for the
+        epoch end, and so do the keys that callbacks write there)."""
+        if (
+            self.monitor in logs
+            or self.monitor.startswith("val_")
+            or _written_by_callbacks(self.monitor)
+        ):
+            return
+        self._fail(
+            f"EarlyStopping monitors `{self.monitor}`, which the model does not log: "
+            f"the logs of the first batch hold {', '.join(logs) or 'nothing'}. Pick "
+            "one of those as `monitor`, or add the metric to `model.compile(metrics="
+            f"[...])`. Received: monitor={self.monitor!r}"
+        )
+
+    def _attach(self) -> None:
+        """Hooks the step of every optimizer the model holds; nothing without one.
+
+        A model that was never compiled (the callback driven by hand) has no step to
+        check. Under a `LossScaleOptimizer` non-finite gradients are routine.
+        """
+        if not self.check_finite:
+            return
+        optimizers = model_optimizers(self.model)
+        checked = [
+            name
+            for name, optimizer in optimizers.items()
+            if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        ]
+        if not checked:
+            return
+        hook = StepHook.attach(self.model)
+        flags = self._flags
+        if flags is None or flags.hook is not hook or flags.names != checked:
+            counts = hook.make_variable(
+                np.zeros(len(checked), np.int64), tf.int64, "kgrad_nonfinite_steps"
+            )
+            flags = _FiniteFlags(hook, checked, counts)
+        else:
+            flags.counts.assign(tf.zeros_like(flags.counts))
+        self._flags = flags
+        self._name_optimizers = len(optimizers) > 1
+        self._hook = hook
+        # The same flags (state) on the same hook reuse the step traced before.
+        hook.add(self, observe=self._observe, optimizers=checked, state=flags)
+
+    def _detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove(self)
+            self._hook = None
+
+    def _fail(self, message: str) -> None:
+        """Raises a ValueError, first unhooking the step (fit does not end here)."""
+        self._detach()
+        raise ValueError(message)
+
     def _observe(self, context: StepContext) -> None:
+        flags = self._flags
+        index = flags.index(getattr(context, "optimizer_name", "optimizer"))
+        if index is None:
+            return
         bad = tf.logical_not(gradients_finite(context.gradients))
-        self._nonfinite_steps.assign_add(tf.cast(bad, tf.int64))
+        flags.counts.assign_add(
+            tf.one_hot(index, len(flags.names), dtype=tf.int64) * tf.cast(bad, tf.int64)
+        )
+
+    def _nonfinite_optimizers(self) -> list[str] | None:
+        """`None` when every gradient so far was finite, else the optimizers whose
+        gradients were not (named only when the model holds several)."""
+        if self._hook is None:
+            return None
+        counts = self._flags.counts.numpy()
+        if not counts.any():
+            return None
+        if not self._name_optimizers:
+            return []
+        return [name for name, count in zip(self._flags.names, counts) if count > 0]
+
+    def _restore_fallback_weights(self) -> None:
+        if self._initial_weights is None:
+            if self.verbose > 0:
+                print(
+                    "Keeping the model weights: the first batch was not finite, and "
+                    "the model had no weights before it to restore."
+                )
+            return
+        if self.verbose > 0:
+            print(
+                "Restoring model weights from the start of training (no epoch "
+                "completed with finite values)."
+            )
+        self.model.set_weights(self._initial_weights)
+
+    def _better(self, value: Any, reference: Any) -> bool:
+        return bool(np.all(keras.ops.convert_to_numpy(self.monitor_op(value, reference))))
+
+    def _at_least_as_good(self, value: Any, reference: Any) -> bool:
+        return bool(np.all(np.asarray(value) == reference)) or self._better(
+            value, reference
+        )
 
     def _stop(self, epoch: int, reason: str) -> None:
         self.stopped_epoch = epoch
@@ -309,7 +457,7 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         )
         key = next((name for name in candidates if name in logs), None)
         if key is None:
-            raise ValueError(
+            self._fail(
                 f"`vanishing_patience` needs {' or '.join(map(repr, candidates))} in "
                 f"the logs, which hold: {', '.join(logs) or 'nothing'}. Put a "
                 "kgrad.GradientHealthMonitor or kgrad.GradientNormLogger before "
