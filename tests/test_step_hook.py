@@ -392,3 +392,22 @@ def test_a_step_without_a_keras_optimizer_gets_advice_that_works():
     logger = kgrad.GradientNormLogger(probe_data=(x[:BATCH], y[:BATCH]))
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[logger])
     assert len(logger.records) == 2 and np.isfinite(logger.records.grad_norms).all()
+
+
+def test_an_unbuilt_model_is_judged_frozen_once_built():
+    x, y = _data()
+    model = _input_less_sequential()
+    for layer in model.layers:
+        layer.trainable = False
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="has no trainable weights"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[kgrad.GradientNormLogger()])
+
+
+def test_the_monitor_names_itself_and_its_remedy_for_a_step_without_optimizer():
+    x, y = _data()
+    model = NoOptimizerStep(name="by_hand")
+    model.compile(optimizer="sgd", loss="mse")
+    monitor = kgrad.GradientHealthMonitor(verbose=0)
+    with pytest.raises(RuntimeError, match="^GradientHealthMonitor could not reach.*loss_fn="):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])

@@ -297,6 +297,11 @@ class GradientHealthMonitor(KgradCallback):
                     self.every_n_steps, self.layers, weight_norms=False
                 )
                 kept.set_model(model)
+                kept._label = "GradientHealthMonitor"
+                kept._advice = (
+                    "Or diagnose the model on a fixed batch: "
+                    "`kgrad.diagnose(model, x, loss_fn=...)`."
+                )
             self._own_logger = self._kept_logger = kept
             kept.set_params(self.params)
             kept.on_train_begin(logs)

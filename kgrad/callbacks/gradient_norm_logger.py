@@ -156,6 +156,13 @@ class GradientNormLogger(KgradCallback):
         self._buffers: OptimizerBuffers | None = None
         self._probe: _Probe | None = None
         self._probe_function = None
+        # Who reports a step that calls no Keras optimizer, and what else works.
+        self._label = "GradientNormLogger"
+        self._advice = (
+            "Or record the gradients on a fixed batch: "
+            "`GradientNormLogger(probe_data=(x_batch, y_batch))` (add `loss_fn=` for "
+            "a model with no `call()` of its own)."
+        )
 
     # -- public results ---------------------------------------------------------------
 
@@ -316,15 +323,9 @@ class GradientNormLogger(KgradCallback):
         hook = self._hook
         if hook is None:
             return
+        check_trainable(self.model)  # built now: its weights can be judged
         if not hook.traced:
-            raise RuntimeError(
-                hook.unused_message(
-                    "GradientNormLogger",
-                    "Or record the gradients on a fixed batch: "
-                    "`GradientNormLogger(probe_data=(x_batch, y_batch))` (add "
-                    "`loss_fn=` for a model with no `call()` of its own).",
-                )
-            )
+            raise RuntimeError(hook.unused_message(self._label, self._advice))
         if not any(self._buffers.buffers.get(name) for name in hook.traced_optimizers):
             raise ValueError(
                 f"GradientNormLogger found no gradient to record in model "
