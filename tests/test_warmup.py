@@ -159,7 +159,17 @@ def test_a_schedule_optimizer_points_to_warmup_schedule():
         ({}, "exactly one of"),
         ({"warmup_steps": 2, "shape": "step"}, "linear, cosine, exponential"),
         ({"warmup_steps": 2, "shape": "exponential"}, "start > 0"),
-        ({"warmup_steps": 2, "shape": "exponential", "start_factor": 0.0}, "> 0"),
+        ({"warmup_steps": 2, "shape": "exponential", "start_factor": 0.0},
+         r"`start_factor` must be a number in \(0, 1\]. Received: start_factor=0.0"),
+        ({"warmup_steps": 2, "start_factor": 1.5},
+         r"`start_factor` must be a number in \(0, 1\]. Received: start_factor=1.5"),
+        ({"warmup_steps": 2, "start_factor": -0.1}, r"\(0, 1\].*start_factor=-0.1"),
+        ({"warmup_steps": 2, "shape": "exponential", "start_learning_rate": 0.0},
+         r"exponential.*`start_learning_rate` must be > 0.*start_learning_rate=0.0"),
+        ({"warmup_steps": 2, "start_learning_rate": -1.0}, r"≥ 0.*start_learning_rate=-1"),
+        ({"warmup_steps": 2, "optimizers": []},
+         r"`optimizers` must be the name of an optimizer.*Received: optimizers=\[\]"),
+        ({"warmup_steps": 2, "optimizers": ["g_optimizer", 3]}, r"optimizers=\['g_opt"),
         ({"warmup_steps": 2, "start_factor": 0.1, "start_learning_rate": 0.1}, "not both"),
         ({"warmup_steps": 2, "target_learning_rate": 0.0}, "target_learning_rate=0.0"),
     ],
@@ -238,6 +248,8 @@ def test_schedule_bad_arguments():
         kgrad.WarmupSchedule("0.1", warmup_steps=2)
     with pytest.raises(ValueError, match="start > 0"):
         kgrad.WarmupSchedule(0.1, warmup_steps=2, shape="exponential")
+    with pytest.raises(ValueError, match=r"\(0, 1\]. Received: start_factor=1.5"):
+        kgrad.WarmupSchedule(0.1, warmup_steps=2, start_factor=1.5)
     assert math.isclose(
         float(kgrad.WarmupSchedule(0.1, warmup_steps=2)(1)), 0.05, rel_tol=1e-6
     )

@@ -73,8 +73,9 @@ def check_warmup_arguments(
     """Validates the arguments shared by `WarmupSchedule` and `LearningRateWarmup`.
 
     Raises:
-        ValueError: for an unknown `shape`, both starts given, a negative start, or
-            an exponential warm-up without a start > 0.
+        ValueError: for an unknown `shape`, both starts given, a negative
+            `start_learning_rate`, a `start_factor` outside (0, 1], or an exponential
+            warm-up without a start > 0.
     """
     if shape not in WARMUP_SHAPES:
         raise ValueError(
@@ -87,17 +88,17 @@ def check_warmup_arguments(
             f"start_learning_rate={start_learning_rate!r}, "
             f"start_factor={start_factor!r}"
         )
-    for name, value in (
-        ("start_learning_rate", start_learning_rate),
-        ("start_factor", start_factor),
-    ):
-        if check_number(value, name, at_least=0, allow_none=True) is None:
-            continue
-        if shape == "exponential" and value == 0:
-            raise ValueError(
-                f"An exponential warm-up multiplies the start, so `{name}` must be "
-                f"> 0. Received: {name}={value!r}"
-            )
+    # A factor is a fraction of the target: 0 would be no factor at all (omit it, or
+    # pass start_learning_rate=0), above 1 a warm-down.
+    check_number(start_factor, "start_factor", greater_than=0, at_most=1, allow_none=True)
+    start = check_number(
+        start_learning_rate, "start_learning_rate", at_least=0, allow_none=True
+    )
+    if shape == "exponential" and start == 0:
+        raise ValueError(
+            "An exponential warm-up multiplies the start, so `start_learning_rate` "
+            f"must be > 0. Received: start_learning_rate={start_learning_rate!r}"
+        )
     if shape == "exponential" and start_learning_rate is None and start_factor is None:
         raise ValueError(
             "An exponential warm-up needs a start > 0: pass `start_factor` (for "
@@ -121,8 +122,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         base: The learning rate after warm-up: a float or a `LearningRateSchedule`.
         warmup_steps: T, the number of warm-up steps (> 0).
         start_learning_rate: The rate at step 0. Defaults to `None`.
-        start_factor: The rate at step 0 as a fraction of the target. Defaults to
-            `None`. With neither given the warm-up starts at `0.0` (not allowed for
+        start_factor: The rate at step 0 as a fraction of the target, in (0, 1].
+            Defaults to `None`. With neither given the warm-up starts at `0.0` (not allowed for
             `exponential`, which needs a start > 0).
         shape: `"linear"`, `"cosine"` or `"exponential"`. Defaults to `"linear"`.
         name: The schedule's name. Defaults to `"WarmupSchedule"`.
