@@ -12,12 +12,18 @@ import tensorflow as tf
 
 from kgrad import stats
 from kgrad.callbacks.base import check_positive_int
-from kgrad.capture.probe import check_probe_data
+from kgrad.capture.probe import (
+    LossFunction,
+    call_loss_fn,
+    check_loss_fn,
+    check_probe_data,
+    pack_batch,
+)
 from kgrad.diagnosis.activations import network_context
 from kgrad.diagnosis.dead_units import MIN_EXAMPLES, detect_dead_units
 from kgrad.diagnosis.exploding import detect_exploding
 from kgrad.diagnosis.findings import Finding
-from kgrad.diagnosis.measure import Measurements, measure
+from kgrad.diagnosis.measure import Measurements, measure, restoring
 from kgrad.diagnosis.non_finite import detect_non_finite
 from kgrad.diagnosis.profile import frame_profile
 from kgrad.diagnosis.report import Report, merge_unit_columns
@@ -42,6 +48,77 @@ def _count(value: Any, argument: str) -> int:
             f"Received first dimensions {sorted(sizes)}"
         )
     return sizes.pop()
+
+
+def _check_model(model: Any, x: Any) -> None:
+    if isinstance(model, keras.Model):
+        return
+    if isinstance(model, keras.Layer):
+        advice = (
+            "Wrap the layer in a model: `keras.Sequential([keras.Input(shape), "
+            "layer])`."
+        )
+    elif isinstance(x, keras.Model):
+        advice = "The model comes first: `kgrad.diagnose(model, x)`."
+    else:
+        advice = "Pass the model first and the probe inputs second: "
+        advice += "`kgrad.diagnose(model, x)`."
+    raise TypeError(
+        "`model` must be a Keras model (`keras.Model`: functional, Sequential or "
+        f"subclassed). Received: model of type {type(model).__name__}. {advice}"
+    )
+
+
+def _check_arguments(
+    model: Any,
+    x: Any,
+    loss: Any,
+    loss_fn: Any,
+    batch_size: Any,
+    training: Any,
+    seed: Any,
+) -> None:
+    _check_model(model, x)
+    check_positive_int(batch_size, "batch_size")
+    check_loss_fn(loss_fn)
+    if loss_fn is not None and loss is not None:
+        raise ValueError(
+            "Pass either `loss` or `loss_fn`, not both: `loss_fn(model, batch)` "
+            f"computes the loss itself. Received: loss={loss!r} and loss_fn="
+            f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)}"
+        )
+    if loss is not None:
+        try:
+            keras.losses.get(loss)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                "`loss` must be a Keras loss name, a `keras.losses.Loss` or a "
+                f"function `loss(y_true, y_pred)`. Received: loss={loss!r}"
+            ) from error
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(
+            "`training` must be `True` or `False`. Received: training of type "
+            f"{type(training).__name__}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(
+            f"`seed` must be a non-negative integer. Received: seed={seed!r}"
+        )
+
+
+def _loss_fn_objective(
+    model: keras.Model, loss_fn: LossFunction, x: Any, y: Any, examples: int
+) -> Callable[[Any, int, int], tf.Tensor]:
+    def given_loss_fn(y_pred: Any, start: int, stop: int) -> tf.Tensor:
+        def rows(value: Any) -> Any:
+            return value[start:stop]
+
+        y_batch = None if y is None else keras.tree.map_structure(rows, y)
+        batch = pack_batch(keras.tree.map_structure(rows, x), y_batch)
+        value = call_loss_fn(loss_fn, model, batch)
+        return tf.cast(value, tf.float32) * ((stop - start) / examples)
+
+    return given_loss_fn
 
 
 def _objective(
@@ -152,6 +229,7 @@ def diagnose(
     y: Any = None,
     *,
     loss: str | keras.losses.Loss | Callable | None = None,
+    loss_fn: LossFunction | None = None,
     batch_size: int = 256,
     training: bool = True,
     seed: int = 0,
@@ -175,6 +253,13 @@ def diagnose(
     √χ of the architecture and its initialization (0.236 for a sigmoid MLP with
     Glorot init). With `y`, the gradient is that of the compiled loss, or of `loss`.
 
+    With `loss_fn`, the gradient is that of `loss_fn(model, batch)`: for models
+    whose `train_step` computes its own loss and that have no `call()` (keras-io's
+    VAE with `self.encoder`/`self.decoder`, its GAN with `self.generator`/
+    `self.discriminator`). The layers are then measured as `loss_fn` calls them,
+    through any sub-model: the gradient of every variable and of the output of
+    every kernel layer it reaches (over every call of a layer called twice).
+
     Args:
         model: A Keras model (built, or buildable by calling it on `x`).
         x: Probe inputs, examples on the first axis. Use many examples (hundreds):
@@ -182,6 +267,13 @@ def diagnose(
         y: Targets for the loss. Defaults to `None`: a random Gaussian cotangent.
         loss: A loss (name, `Loss` or function) to use instead of the compiled one.
             Defaults to `None`.
+        loss_fn: `loss_fn(model, batch) -> scalar`, the loss to differentiate, for a
+            model with no forward pass of its own. `batch` holds `batch_size`
+            examples of `x` (`(x, y)` when `y` is given, as `fit` hands data to
+            `train_step`); the results are weighted by their share of the examples,
+            so a `loss_fn` that averages over its batch gives the gradient of its
+            average over all of `x`. It chooses its own `training` flags and should
+            be deterministic (or seeded) to compare two reports. Defaults to `None`.
         batch_size: Examples per forward pass (batch-norm statistics are those of
             each batch). Defaults to `256`.
         training: The `training` flag of the forward passes. `True` mirrors `fit`
@@ -195,9 +287,14 @@ def diagnose(
         `print(report)`, `report.plot()`.
 
     Raises:
-        ValueError: if `x` is empty, `x` does not fit the model, `x` and `y` hold
-            different numbers of examples, `batch_size` is not a positive integer,
-            or `y` is given with no loss to use.
+        TypeError: if `model` is not a Keras model, `loss_fn` is not callable, or
+            `training` is not a bool.
+        ValueError: if `x` is empty, `x` does not fit the model, the model has no
+            `call()` and no `loss_fn` is given (the message lists its sub-models),
+            `x` and `y` hold different numbers of examples, `batch_size` is not a
+            positive integer, `seed` is negative, `loss` is unknown or given with
+            `loss_fn`, `loss_fn` does not return a scalar, or `y` is given with no
+            loss to use.
 
     References:
         Glorot & Bengio 2010; He et al. 2015; Schoenholz et al. 2017; Yang et al.
@@ -207,8 +304,12 @@ def diagnose(
 
     >>> report = kgrad.diagnose(model, x_train[:512])  # doctest: +SKIP
     >>> print(report)  # doctest: +SKIP
+    >>> def vae_loss(vae, batch):  # a model with no `call()`  # doctest: +SKIP
+    ...     z_mean, _ = vae.encoder(batch)
+    ...     return keras.ops.mean(keras.ops.square(vae.decoder(z_mean) - batch))
+    >>> report = kgrad.diagnose(vae, x_train[:512], loss_fn=vae_loss)  # doctest: +SKIP
     """
-    check_positive_int(batch_size, "batch_size")
+    _check_arguments(model, x, loss, loss_fn, batch_size, training, seed)
     examples = _count(x, "x")
     if examples == 0:
         raise ValueError(
@@ -220,10 +321,27 @@ def diagnose(
             "`x` and `y` must hold the same number of examples. Received: "
             f"{examples} in x, {_count(y, 'y')} in y"
         )
-    head = keras.tree.map_structure(lambda value: value[: min(batch_size, examples)], x)
-    check_probe_data(model, (head, None), argument="x")
+    def head(value: Any) -> Any:
+        return value[: min(batch_size, examples)]
+
+    # `loss_fn` is checked with the targets it will receive; the model without.
+    head_y = None if loss_fn is None or y is None else keras.tree.map_structure(head, y)
+    restore = restoring(model)
+    try:
+        check_probe_data(
+            model,
+            (keras.tree.map_structure(head, x), head_y),
+            argument="x",
+            loss_fn=loss_fn,
+        )
+    finally:
+        restore()  # the check's forward pass changes no state
     context = network_context(model)
-    objective = _objective(model, y, loss, examples, seed)
+    objective = (
+        _objective(model, y, loss, examples, seed)
+        if loss_fn is None
+        else _loss_fn_objective(model, loss_fn, x, y, examples)
+    )
     measured = measure(
         model,
         x,
@@ -232,6 +350,7 @@ def diagnose(
         batch_size=batch_size,
         training=training,
         seed=seed,
+        calls_model=loss_fn is None,
     )
     layers, units = _layer_frame(measured, context)
     profile, kind = frame_profile(layers, normalized=context.normalized)
@@ -244,10 +363,14 @@ def diagnose(
             f"received {examples}."
         )
     findings = _findings(measured, layers, units, profile, kind, context)
+    if loss_fn is not None:
+        gradient_of = "loss_fn"  # which calls the layers with its own training flags
+    else:
+        gradient_of = f"training={training}, " + (
+            "random Gaussian cotangent at the outputs" if y is None else "loss on y"
+        )
     description = (
-        f"{len(layers)} layers with weights, {examples} probe examples, "
-        f"training={training}, "
-        + ("random Gaussian cotangent at the outputs" if y is None else "loss on y")
+        f"{len(layers)} layers with weights, {examples} probe examples, {gradient_of}"
     )
     return Report(
         findings,

@@ -5,14 +5,20 @@ units all need the tensors between layers. A Functional or Sequential model expo
 (the inputs and outputs of each layer's node in its graph); a subclassed model computes
 them inside `call`, out of reach, so those statistics are unavailable for it (its
 gradient statistics still work).
+
+When the layers are called inside a user's function instead (`diagnose(...,
+loss_fn=...)`, for models without a `call()` of their own), `CallRecorder` reads their
+outputs by wrapping each layer's `call` for the length of a block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 
 def functional_reason(model: keras.Model) -> str | None:
@@ -95,3 +101,55 @@ class LayerReader:
         if isinstance(y_pred, list) and len(y_pred) == 1:
             y_pred = y_pred[0]
         return results[: self._count], y_pred
+
+
+class CallRecorder:
+    """Records what some layers return each time they are called, inside a block.
+
+    For forward passes that run through a user's function (a `loss_fn` calling the
+    sub-models of a GAN or a VAE), where no functional graph of the whole
+    computation exists. Each layer's `call` is wrapped on the instance for the length
+    of `recording()` and restored afterwards. Only eager calls with one tensor
+    output are recorded (the tensors a `tf.GradientTape` can differentiate with
+    respect to); a layer called several times records every call.
+
+    Args:
+        layers: The layers to watch.
+
+    Example:
+
+    >>> recorder = CallRecorder([model.encoder.layers[1]])  # doctest: +SKIP
+    >>> with tf.GradientTape() as tape, recorder.recording() as calls:
+    ...     loss = loss_fn(model, x)  # doctest: +SKIP
+    >>> tape.gradient(loss, calls[0])  # doctest: +SKIP
+    """
+
+    def __init__(self, layers: Sequence[keras.Layer]):
+        self.layers = list(layers)
+
+    @staticmethod
+    def _wrapped(call: Any, calls: list[tf.Tensor]) -> Any:
+        def recording_call(*args: Any, **kwargs: Any) -> Any:
+            output = call(*args, **kwargs)
+            if tf.executing_eagerly() and tf.is_tensor(output):
+                calls.append(output)
+            return output
+
+        return recording_call
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[list[tf.Tensor]]]:
+        """Records the calls made in the block: one list of outputs per layer."""
+        calls: list[list[tf.Tensor]] = [[] for _ in self.layers]
+        # `object.__setattr__`: a layer's own `__setattr__` tracks what it is given.
+        saved = [layer.__dict__.get("call") for layer in self.layers]
+        for layer, outputs in zip(self.layers, calls):
+            object.__setattr__(layer, "call", self._wrapped(layer.call, outputs))
+        try:
+            yield calls
+        finally:
+            for layer, previous in zip(self.layers, saved):
+                if previous is None:
+                    object.__delattr__(layer, "call")
+                else:
+                    object.__setattr__(layer, "call", previous)

@@ -1,7 +1,8 @@
 """One pass over a probe set: gradients per variable and layer output, unit statistics.
 
 This is the engine of `diagnose`: it runs the model batch by batch under a
-`tf.GradientTape`, through a functional sub-model when the model has a graph, and
+`tf.GradientTape`, through a functional sub-model when the model has a graph (or
+through the user's `loss_fn`, recording the outputs of the layers it calls), and
 accumulates what the detectors need. Non-trainable state touched by a `training=True`
 pass (batch-norm moving statistics, dropout seeds) is restored afterwards, so a trained
 model is left exactly as it was.
@@ -17,9 +18,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kgrad.capture.variables import TrackedVariable, ordered_layers, track_variables
+from kgrad.capture.variables import (
+    TrackedVariable,
+    ordered_layers,
+    track_variables,
+    walk_layers,
+)
 from kgrad.diagnosis.activations import activation_sites, has_kernel
-from kgrad.diagnosis.graph import LayerReader, functional_reason, layer_output
+from kgrad.diagnosis.graph import (
+    CallRecorder,
+    LayerReader,
+    functional_reason,
+    layer_output,
+)
 from kgrad.diagnosis.null_units import null_active_units, null_units_layer
 from kgrad.diagnosis.fixes import DEAD_PRONE
 from kgrad.diagnosis.saturation import DERIVATIVE_THRESHOLD, derivative_from_outputs
@@ -37,8 +48,9 @@ class Measurements:
             (NaN or inf when the gradient holds such values, NaN without gradient).
         has_gradient: Whether each tracked variable received a gradient.
         weight_norms: The norm of each tracked variable.
-        activation_grad_norms: Per kernel layer (top level): the norm of the gradient
-            with respect to its output over every example.
+        activation_grad_norms: Per kernel layer (top level; every nested one, by
+            qualified name, through a `loss_fn`): the norm of the gradient with
+            respect to its output over every example (and over every call of it).
         units: One dict per activation site: `site`, `layer` (the kernel layer it
             activates, if any), `activation`, `units`, `dead_units`,
             `null_silent_fraction`, `null_units`, `dead_bias_mean`,
@@ -132,7 +144,8 @@ class _SiteStats:
         return row
 
 
-def _restoring(model: keras.Model) -> Callable[[], None]:
+def restoring(model: keras.Model) -> Callable[[], None]:
+    """A function that puts the model's non-trainable variables back as they are now."""
     saved = [(v, keras.ops.convert_to_numpy(v)) for v in model.non_trainable_variables]
 
     def restore() -> None:
@@ -157,13 +170,20 @@ def _computes_in_float16(model: keras.Model) -> bool:
 class _Pass:
     """One walk over the probe set, batch by batch, under a gradient tape."""
 
-    def __init__(self, model, x, examples, objective, batch_size, training, seed):
+    def __init__(
+        self, model, x, examples, objective, batch_size, training, seed, calls_model
+    ):
         self.model, self.x, self.examples = model, x, examples
         self.objective, self.batch_size, self.training = objective, batch_size, training
         self.tracked = track_variables(model)
         self.variables = [item.variable for item in self.tracked]
         self.notes: list[str] = []
         self.sites, self.kernel_layers, self.stats, self.reader = [], [], [], None
+        self.kernel_names: list[str] = []
+        self.recorder: CallRecorder | None = None
+        if not calls_model:
+            self._watch_calls(model)
+            return
         reason = functional_reason(model)
         if reason is not None:
             self.notes.append(reason)
@@ -183,6 +203,44 @@ class _Pass:
         tensors += [layer_output(model, layer) for layer in self.kernel_layers]
         self.reader = LayerReader(model, tensors)
         self._order = {layer.name: i for i, layer in enumerate(ordered_layers(model))}
+        self.kernel_names = [layer.name for layer in self.kernel_layers]
+
+    def _watch_calls(self, model: keras.Model) -> None:
+        """Records the outputs of every kernel layer, nested ones included, as the
+        objective (a `loss_fn`) calls them."""
+        walked = {}
+        for qualified, layer in walk_layers(model):
+            if has_kernel(layer) and id(layer) not in walked:
+                walked[id(layer)] = (qualified, layer)
+        self.kernel_names = [qualified for qualified, _ in walked.values()]
+        self.kernel_layers = [layer for _, layer in walked.values()]
+        self.recorder = CallRecorder(self.kernel_layers)
+        self._order = {name: i for i, name in enumerate(self.kernel_names)}
+        self.notes.append(
+            f"Through `loss_fn`, model {model.name!r} is measured by the gradients of "
+            "its variables and of the outputs of the kernel layers the function "
+            "calls; dead-unit and saturation statistics are not measured (diagnose "
+            "a functional sub-model on its own inputs for them)."
+        )
+
+    def _forward(
+        self, xb: Any, start: int, stop: int
+    ) -> tuple[list[Any], list[Any], list[int], tf.Tensor]:
+        """The objective on one batch, with the tensors read on the way: the site
+        tensors, the kernel-layer outputs, the kernel layer of each, the loss."""
+        if self.recorder is not None:
+            with self.recorder.recording() as calls:
+                loss = self.objective(None, start, stop)
+            owners = [index for index, outputs in enumerate(calls) for _ in outputs]
+            return [], [output for outputs in calls for output in outputs], owners, loss
+        if self.reader is None:
+            y_pred, read = self.model(xb, training=self.training), []
+        else:
+            read, y_pred = self.reader(xb, training=self.training)
+        count = len(self.sites)
+        outputs = read[2 * count :]
+        loss = self.objective(y_pred, start, stop)
+        return read[: 2 * count], outputs, list(range(len(outputs))), loss
 
     def run(self, scale: float) -> None:
         """Accumulates gradients of `scale` x the objective, divided back by `scale`."""
@@ -196,12 +254,8 @@ class _Pass:
             stop = min(start + self.batch_size, self.examples)
             xb = keras.tree.map_structure(lambda value: value[start:stop], self.x)
             with tf.GradientTape() as tape:
-                if self.reader is None:
-                    y_pred, read = self.model(xb, training=self.training), []
-                else:
-                    read, y_pred = self.reader(xb, training=self.training)
-                loss = self.objective(y_pred, start, stop) * scale
-            outputs = read[2 * count :]
+                read, outputs, owners, loss = self._forward(xb, start, stop)
+                loss = loss * scale
             gradients = tape.gradient(loss, self.variables + outputs)
             for index, gradient in enumerate(gradients[: len(self.variables)]):
                 dense = _dense(gradient)
@@ -209,7 +263,7 @@ class _Pass:
                     total = self.grad_sums[index]
                     dense /= scale
                     self.grad_sums[index] = dense if total is None else total + dense
-            for index, gradient in enumerate(gradients[len(self.variables) :]):
+            for index, gradient in zip(owners, gradients[len(self.variables) :]):
                 if gradient is not None:
                     square = tf.reduce_sum(tf.square(tf.cast(gradient, tf.float64)))
                     previous = np.nan_to_num(self.squares[index])
@@ -218,16 +272,17 @@ class _Pass:
                 self.stats, read[:count], read[count : 2 * count]
             ):
                 stat.add(output, kernel_input if stat.null is not None else None)
-            layers = [site.layer for site in self.sites] + self.kernel_layers
-            for layer, output in zip(layers, read[:count] + outputs):
-                self._check_finite(layer, output)
+            names = [site.layer.name for site in self.sites]
+            names += [self.kernel_names[index] for index in owners]
+            for name, output in zip(names, read[:count] + outputs):
+                self._check_finite(name, output)
 
-    def _check_finite(self, layer: keras.Layer, output: tf.Tensor) -> None:
+    def _check_finite(self, name: str, output: tf.Tensor) -> None:
         if bool(tf.reduce_all(tf.math.is_finite(tf.cast(output, tf.float32)))):
             return
         first = self.first_non_finite
-        if first is None or self._order[layer.name] < self._order[first]:
-            self.first_non_finite = layer.name
+        if first is None or self._order[name] < self._order[first]:
+            self.first_non_finite = name
 
     def gradients_finite(self) -> bool:
         return all(np.isfinite(g).all() for g in self.grad_sums if g is not None)
@@ -242,6 +297,7 @@ def measure(
     batch_size: int,
     training: bool,
     seed: int,
+    calls_model: bool = True,
 ) -> Measurements:
     """Runs the probe set through `model` and accumulates the statistics.
 
@@ -256,6 +312,9 @@ def measure(
         objective: `objective(y_pred, start, stop)` returns the scalar whose gradient
             is taken for the examples `start:stop`, already weighted so that the sum
             over batches is the loss of the whole probe set.
+        calls_model: `False` when the objective calls the layers itself (a
+            `loss_fn`; it receives `y_pred=None`): the outputs of the kernel
+            layers are then recorded as it calls them. Defaults to `True`.
         batch_size: Examples per forward pass.
         training: The `training` flag of the forward passes.
         seed: The seed of the null model's random units.
@@ -263,9 +322,11 @@ def measure(
     Returns:
         The `Measurements`.
     """
-    walk = _Pass(model, x, examples, objective, batch_size, training, seed)
+    walk = _Pass(
+        model, x, examples, objective, batch_size, training, seed, calls_model
+    )
     scale = FLOAT16_LOSS_SCALE if _computes_in_float16(model) else 1.0
-    restore = _restoring(model)
+    restore = restoring(model)
     try:
         walk.run(scale)
         if scale != 1.0 and not walk.gradients_finite():
@@ -288,8 +349,8 @@ def measure(
             ]
         ),
         activation_grad_norms={
-            layer.name: float(np.sqrt(value))
-            for layer, value in zip(walk.kernel_layers, walk.squares)
+            name: float(np.sqrt(value))
+            for name, value in zip(walk.kernel_names, walk.squares)
         },
         units=[stat.result() for stat in walk.stats],
         first_non_finite_output=walk.first_non_finite,

@@ -22,6 +22,7 @@ from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.eager import context as eager_context
 from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
 
+from kgrad.capture.probe import check_forward_pass
 from kgrad.capture.variables import TrackedVariable
 from kgrad.diagnosis.activations import activation_sites
 from kgrad.diagnosis.graph import LayerReader
@@ -131,6 +132,11 @@ class UnitProbe:
         window: The null model of dead units reads the examples of this many last
             probes (those a dead unit was silent on). Defaults to `1`.
 
+    Raises:
+        ValueError: if `x` is given and the model has no `call()` (a GAN or VAE
+            of keras-io's kind): the message names its sub-models. Pass `x=None`
+            for weight movement only.
+
     Example:
 
     >>> tracked = kgrad.track_variables(model)  # doctest: +SKIP
@@ -147,6 +153,8 @@ class UnitProbe:
         batch_size: int | None = None,
         window: int = 1,
     ):
+        if x is not None:
+            check_forward_pass(model, "probe_data")
         self.layers = list(dict.fromkeys(item.layer for item in tracked))
         self._groups = [
             [item.variable for item in tracked if item.layer == layer]
