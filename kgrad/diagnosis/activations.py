@@ -163,6 +163,125 @@ def weight_scale(kernel: Any) -> float:
         return float(fan_in * np.var(kernel))
 
 
+# Merges that give the signal a path of gain 1 when one input is an ancestor of the
+# other: `x + f(x)` (He et al. 2016) or `concat([x, f(x)])` (DenseNet).
+_SKIP_MERGES = frozenset({"Add", "Average", "Concatenate"})
+
+
+def _producer(tensor: Any) -> tuple[Any, Any] | None:
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    operation, node_index = history.operation, history.node_index
+    nodes = getattr(operation, "_inbound_nodes", [])
+    return (operation, nodes[node_index]) if node_index < len(nodes) else None
+
+
+def _ancestors(tensor: Any) -> set[int]:
+    """The ids of every tensor `tensor` is computed from, itself included."""
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        produced = _producer(current)
+        if produced is not None:
+            stack.extend(produced[1].input_tensors)
+    return seen
+
+
+def _is_skip(node: Any) -> bool:
+    """Whether a merge node adds (or concatenates) a tensor to one computed from it."""
+    inputs = keras.tree.flatten(node.input_tensors)
+    return any(
+        id(earlier) in _ancestors(later)
+        for i, earlier in enumerate(inputs)
+        for later in inputs[:i] + inputs[i + 1 :]
+    )
+
+
+def has_skip_connection(model: keras.Layer) -> bool:
+    """Whether `model` holds a skip connection: a merge of a tensor with one
+    computed from it (`Add()([x, f(x)])`, `x + f(x)`, `Concatenate()([x, f(x)])`).
+
+    In a functional graph (nested ones included) the merge must join a block's input
+    and output: an `Add` of two parallel branches is no skip. A subclassed model's
+    graph is out of reach; an `Add` layer among its layers counts.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        `True` if a skip connection was found.
+
+    Example:
+
+    >>> inputs = keras.Input((4,))
+    >>> hidden = keras.layers.Dense(4)(inputs)
+    >>> has_skip_connection(keras.Model(inputs, keras.layers.Add()([inputs, hidden])))
+    True
+    """
+    for _, layer in [("", model)] + walk_layers(model):
+        if isinstance(layer, keras.Model) and functional_reason(layer) is None:
+            graph = getattr(layer, "_functional", None) or layer  # a Sequential's
+            for operation in getattr(graph, "operations", []):
+                if type(operation).__name__ not in _SKIP_MERGES:
+                    continue
+                nodes = getattr(operation, "_inbound_nodes", [])
+                if any(_is_skip(node) for node in nodes):
+                    return True
+        elif type(layer).__name__ == "Add" and not layer._inbound_nodes:
+            return True  # called inside a subclassed `call`, out of reach
+    return False
+
+
+def he_initialized(initializer: Any) -> bool:
+    """Whether a kernel initializer is He's: Var[W] = 2/fan_in.
+
+    `HeNormal`, `HeUniform`, and a `VarianceScaling` with `scale=2` and
+    `mode="fan_in"` (what they are).
+
+    Example:
+
+    >>> he_initialized(keras.initializers.VarianceScaling(2.0, "fan_in"))
+    True
+    """
+    if type(initializer).__name__.startswith("He"):
+        return True
+    return (
+        isinstance(initializer, keras.initializers.VarianceScaling)
+        and np.isclose(initializer.scale, 2.0)
+        and initializer.mode == "fan_in"
+    )
+
+
+def attention_score_layers(walked: list[tuple[str, keras.Layer]]) -> list[str]:
+    """The qualified names of the query and key projections of attention layers.
+
+    Their products make the attention logits; see `kgrad.diagnosis.stalled` for
+    why their gradients are small at initialization.
+
+    Args:
+        walked: `walk_layers(model)`.
+
+    Returns:
+        The names, for example `["mha/query", "mha/key"]`.
+    """
+    names = {id(layer): qualified for qualified, layer in walked}
+    found = []
+    for _, layer in walked:
+        if isinstance(layer, keras.layers.MultiHeadAttention) or (
+            type(layer).__name__ == "GroupedQueryAttention"
+        ):
+            for attribute in ("_query_dense", "_key_dense"):
+                projection = getattr(layer, attribute, None)
+                if projection is not None and id(projection) in names:
+                    found.append(names[id(projection)])
+    return found
+
+
 def network_context(model: keras.Model) -> NetworkContext:
     """What the fixes need to know: activations, initializers, weight scales, ...
 
@@ -173,18 +292,20 @@ def network_context(model: keras.Model) -> NetworkContext:
         A `NetworkContext` keyed by qualified layer names (as in `track_variables`).
     """
     walked = walk_layers(model)
-    context = NetworkContext()
+    context = NetworkContext(
+        residual=has_skip_connection(model),
+        attention_scores=set(attention_score_layers(walked)),
+    )
     for qualified, layer in walked:
         kind = type(layer).__name__
         if kind.endswith("Normalization") and layer.trainable_variables:
             context.normalized = True
-        if kind == "Add":
-            context.residual = True
         activation = activation_name(layer)
         if has_kernel(layer):
-            context.initializers[qualified] = type(
-                getattr(layer, "kernel_initializer", None)
-            ).__name__
+            initializer = getattr(layer, "kernel_initializer", None)
+            context.initializers[qualified] = type(initializer).__name__
+            if he_initialized(initializer):
+                context.he_initialized.add(qualified)
             kernel = getattr(layer, "kernel", None)
             if kernel is not None:
                 context.weight_scale[qualified] = weight_scale(

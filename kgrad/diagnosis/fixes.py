@@ -31,20 +31,39 @@ class NetworkContext:
         initializers: The class name of each layer's kernel initializer.
         weight_scale: σ_w² = fan_in·Var[W] of each layer's kernel: 1 for Glorot on a
             square layer, 2 for He.
-        normalized: Whether the network has normalization layers.
-        residual: Whether the network has skip connections (`Add` layers).
+        he_initialized: The layers whose kernels have He initialization
+            (`HeNormal`, `HeUniform` or the same `VarianceScaling`).
+        normalized: Whether the network has normalization layers
+            (`BatchNormalization`, `LayerNormalization`, `GroupNormalization`, ...).
+        residual: Whether the network has skip connections (a merge of a block's
+            input and output: `Add`, `x + f(x)`, `Concatenate`).
+        attention_scores: The query and key projections of attention layers,
+            which the stalled detector does not compare with other layers.
     """
 
     activations: dict[str, str] = dataclasses.field(default_factory=dict)
     initializers: dict[str, str] = dataclasses.field(default_factory=dict)
     weight_scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    he_initialized: set[str] = dataclasses.field(default_factory=set)
     normalized: bool = False
     residual: bool = False
+    attention_scores: set[str] = dataclasses.field(default_factory=set)
 
     def activations_of(self, layers: Sequence[str]) -> set[str]:
         """The activations used by `layers` (all layers when `layers` is empty)."""
         names = layers or list(self.activations)
         return {self.activations[name] for name in names if name in self.activations}
+
+    def lacks_he(self, layers: Sequence[str]) -> bool:
+        """Whether some ReLU-family layer among `layers` (all layers when empty) has
+        no He initialization (a layer of unknown initializer counts as lacking it)."""
+        names = layers or list(self.activations)
+        relu_layers = [n for n in names if self.activations.get(n) in RELU_LIKE]
+        return any(
+            name not in self.he_initialized
+            and not self.initializers.get(name, "").startswith("He")
+            for name in relu_layers or names
+        )
 
 
 # The texts, named so that tests and callers can refer to them.
@@ -165,7 +184,9 @@ def fixes_for(
 
     Returns:
         A list of remedies as sentences. He initialization is suggested only for
-        ReLU-family layers, never for sigmoid or tanh ones.
+        ReLU-family layers, never for sigmoid or tanh ones, and not where they
+        already have it; batch norm not where the network is normalized already,
+        skip connections not where it has them.
 
     Raises:
         ValueError: for an unknown `kind`.
@@ -185,10 +206,8 @@ def fixes_for(
             fixes.append(FIX_REPLACE_SIGMOID)
         if "tanh" in activations:
             fixes.append(FIX_TANH_SCALE)
-        if activations & RELU_LIKE:
-            initializers = {context.initializers.get(name, "") for name in layers}
-            if not all(name.startswith("He") for name in initializers):
-                fixes.append(FIX_RELU_HE)
+        if activations & RELU_LIKE and context.lacks_he(layers):
+            fixes.append(FIX_RELU_HE)
         fixes += _architecture_fixes(context)
     elif kind == "exploding":
         fixes += [FIX_CLIP, FIX_LOWER_LR, FIX_WARMUP]
@@ -202,8 +221,7 @@ def fixes_for(
         if evidence.get("negative_bias"):
             fixes.append(FIX_ZERO_BIAS)
         fixes += [FIX_LOWER_LR, FIX_LEAKY]
-        initializers = {context.initializers.get(name, "") for name in layers}
-        if not all(name.startswith("He") for name in initializers):
+        if context.lacks_he(layers):
             fixes.append(FIX_RELU_HE)
     elif kind == "saturation":
         fixes.append(_init_scale_fix(layers, context))
