@@ -92,3 +92,21 @@ def test_attention_scores_are_judged_by_their_own_movement():
     # The median is that of the layers compared: tiny query/key ratios do not
     # drag it down.
     assert slow.evidence["median_ratio"] == pytest.approx(1e-3)
+
+
+def test_the_monitor_does_not_call_slow_attention_scores_stalled():
+    # Plain SGD: the query and key updates are as small as their gradients.
+    model = _transformer_block()
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = _tokens(), np.random.default_rng(1).integers(0, 4, 256)
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=x[:128], probe_every_n_steps=4, max_judge_share=None
+    )
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[monitor])
+    ratios = monitor.unit_health.update_ratios
+    others = [v for k, v in ratios.items() if k not in ("mha/query", "mha/key")]
+    assert ratios["mha/key"] < STALLED_FACTOR * np.median(others)
+    assert "stalled" not in {finding.kind for finding in monitor.findings}

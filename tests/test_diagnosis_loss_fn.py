@@ -22,15 +22,31 @@ def _x(n=64, features=6, seed=0):
 class VAE(keras.Model):
     """keras-io's VAE in miniature: sub-models, its own `train_step`, no `call()`."""
 
-    def __init__(self):
+    def __init__(self, dead=0, decoder_scale=None):
         super().__init__(name="vae")
         inputs = keras.Input((6,))
-        hidden = keras.layers.Dense(8, activation="relu", name="enc_hidden")(inputs)
+        bias = np.zeros(8, "float32")
+        bias[:dead] = -10.0  # pre-activations are ~N(0, 1): these units never fire
+        hidden = keras.layers.Dense(
+            8,
+            activation="relu",
+            bias_initializer=keras.initializers.Constant(bias),
+            name="enc_hidden",
+        )(inputs)
         z_mean = keras.layers.Dense(2, name="z_mean")(hidden)
         z_log_var = keras.layers.Dense(2, name="z_log_var")(hidden)
         self.encoder = keras.Model(inputs, [z_mean, z_log_var], name="encoder")
         z = keras.Input((2,))
-        decoded = keras.layers.Dense(8, activation="tanh", name="dec_hidden")(z)
+        decoded = keras.layers.Dense(
+            8,
+            activation="tanh",
+            kernel_initializer=(
+                "glorot_uniform"
+                if decoder_scale is None
+                else keras.initializers.RandomNormal(stddev=decoder_scale)
+            ),
+            name="dec_hidden",
+        )(z)
         decoded = keras.layers.Dense(6, name="dec_out")(decoded)
         self.decoder = keras.Model(z, decoded, name="decoder")
 
@@ -117,9 +133,35 @@ def test_vae_loss_fn_records_every_sub_model_layer_as_a_hand_gradient_tape():
             float(tf.norm(gradients[len(names) + index])), rel=1e-5
         )
     assert by_layer["activation_grad_norm"].gt(0).all()
-    assert any("loss_fn" in note for note in report.notes)
+    assert report.units["site"].tolist() == [
+        "encoder/enc_hidden",
+        "decoder/dec_hidden",
+    ]
+    assert report.notes == []
     # The wrappers that recorded the calls are gone again.
     assert all("call" not in vars(layer) for layer in layers.values())
+
+
+def test_units_of_the_functional_sub_models_are_measured_through_loss_fn():
+    vae, x = VAE(dead=3, decoder_scale=4.0), _x(256)
+    report = kgrad.diagnose(vae, x, loss_fn=vae_loss, batch_size=64)
+    units = report.units.set_index("site")
+    assert units.loc["encoder/enc_hidden", "layer"] == "encoder/enc_hidden"
+    assert units.loc["encoder/enc_hidden", "dead_units"] == 3
+    # By hand: tanh′ = 1 − tanh² below 0.01 on the decoder's input, z_mean.
+    z_mean, _ = vae.encoder(x)
+    hidden = keras.ops.convert_to_numpy(vae.decoder.get_layer("dec_hidden")(z_mean))
+    saturated = float(np.mean(1.0 - hidden**2 < 0.01))
+    assert 0.05 < saturated < 0.95
+    assert units.loc["decoder/dec_hidden", "saturated_fraction"] == pytest.approx(
+        saturated
+    )
+    # The same counts as diagnosing the encoder on its own inputs.
+    alone = kgrad.diagnose(vae.encoder, x).units.set_index("site")
+    assert alone.loc["enc_hidden", "dead_units"] == 3
+    (dead,) = report.by_kind("dead_units")
+    assert dead.layers == ["encoder/enc_hidden"]
+    assert report.layers.set_index("layer").loc["encoder/enc_hidden", "dead_units"] == 3
 
 
 def test_a_layer_called_twice_counts_both_calls():
@@ -323,3 +365,41 @@ def test_the_monitors_unit_probe_names_the_sub_models():
         "discriminator/d_hidden",
         "discriminator/d_out",
     ]
+
+
+def test_subclassed_sub_models_keep_gradients_and_say_what_is_missing():
+    class Body(keras.Model):
+        def __init__(self):
+            super().__init__(name="body")
+            self.first = keras.layers.Dense(4, activation="relu", name="first")
+            self.second = keras.layers.Dense(1, name="second")
+
+        def call(self, inputs):
+            return self.second(self.first(inputs))
+
+    class Wrapper(keras.Model):
+        def __init__(self):
+            super().__init__(name="wrapper")
+            self.body = Body()
+
+        def train_step(self, data):
+            return {}
+
+    model, x = Wrapper(), _x(32)
+    model.body(x[:1])
+
+    def loss_fn(model, batch):
+        return keras.ops.mean(keras.ops.square(model.body(batch)))
+
+    report = kgrad.diagnose(model, x, loss_fn=loss_fn)
+    with tf.GradientTape() as tape:
+        hidden = model.body.first(x)
+        loss = keras.ops.mean(keras.ops.square(model.body.second(hidden)))
+    expected = float(tf.norm(tape.gradient(loss, hidden)))
+    by_layer = report.layers.set_index("layer")
+    assert by_layer.loc["body/first", "activation_grad_norm"] == pytest.approx(
+        expected, rel=1e-5
+    )
+    assert report.units.empty
+    (note,) = report.notes
+    assert "Dead-unit and saturation statistics" in note and "it has none" in note

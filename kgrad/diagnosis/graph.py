@@ -104,14 +104,15 @@ class LayerReader:
 
 
 class CallRecorder:
-    """Records what some layers return each time they are called, inside a block.
+    """Records what some layers receive and return each time they are called.
 
     For forward passes that run through a user's function (a `loss_fn` calling the
     sub-models of a GAN or a VAE), where no functional graph of the whole
     computation exists. Each layer's `call` is wrapped on the instance for the length
     of `recording()` and restored afterwards. Only eager calls with one tensor
     output are recorded (the tensors a `tf.GradientTape` can differentiate with
-    respect to); a layer called several times records every call.
+    respect to), as `(first input, output)`; a layer called several times records
+    every call.
 
     Args:
         layers: The layers to watch.
@@ -121,26 +122,26 @@ class CallRecorder:
     >>> recorder = CallRecorder([model.encoder.layers[1]])  # doctest: +SKIP
     >>> with tf.GradientTape() as tape, recorder.recording() as calls:
     ...     loss = loss_fn(model, x)  # doctest: +SKIP
-    >>> tape.gradient(loss, calls[0])  # doctest: +SKIP
+    >>> tape.gradient(loss, [output for _, output in calls[0]])  # doctest: +SKIP
     """
 
     def __init__(self, layers: Sequence[keras.Layer]):
         self.layers = list(layers)
 
     @staticmethod
-    def _wrapped(call: Any, calls: list[tf.Tensor]) -> Any:
+    def _wrapped(call: Any, calls: list[tuple[Any, tf.Tensor]]) -> Any:
         def recording_call(*args: Any, **kwargs: Any) -> Any:
             output = call(*args, **kwargs)
             if tf.executing_eagerly() and tf.is_tensor(output):
-                calls.append(output)
+                calls.append((args[0] if args else None, output))
             return output
 
         return recording_call
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[list[list[tf.Tensor]]]:
-        """Records the calls made in the block: one list of outputs per layer."""
-        calls: list[list[tf.Tensor]] = [[] for _ in self.layers]
+    def recording(self) -> Iterator[list[list[tuple[Any, tf.Tensor]]]]:
+        """Records the calls made in the block: per layer, `(input, output)` pairs."""
+        calls: list[list[tuple[Any, tf.Tensor]]] = [[] for _ in self.layers]
         # `object.__setattr__`: a layer's own `__setattr__` tracks what it is given.
         saved = [layer.__dict__.get("call") for layer in self.layers]
         for layer, outputs in zip(self.layers, calls):

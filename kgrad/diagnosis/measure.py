@@ -31,9 +31,7 @@ from kgrad.diagnosis.graph import (
     functional_reason,
     layer_output,
 )
-from kgrad.diagnosis.null_units import null_active_units, null_units_layer
-from kgrad.diagnosis.fixes import DEAD_PRONE
-from kgrad.diagnosis.saturation import DERIVATIVE_THRESHOLD, derivative_from_outputs
+from kgrad.diagnosis.site_stats import SiteStats
 
 Objective = Callable[[Any, Any, int, int], tf.Tensor]
 
@@ -78,72 +76,6 @@ def _dense(gradient: Any) -> np.ndarray | None:
     return tf.cast(tf.convert_to_tensor(gradient), tf.float64).numpy()
 
 
-class _SiteStats:
-    """Accumulates the unit statistics of one activation site over batches."""
-
-    def __init__(self, site, seed: int):
-        self.site = site
-        self.reset()
-        self.null = (
-            null_units_layer(site.kernel_layer, seed)
-            if site.kernel_input is not None
-            and not site.normalized
-            and site.activation in DEAD_PRONE
-            else None
-        )
-
-    def reset(self) -> None:
-        self.active = None
-        self.null_active = None
-        self.saturated = 0
-        self.total = 0
-
-    def add(self, output: tf.Tensor, kernel_input: Any) -> None:
-        flat = tf.reshape(output, [-1, output.shape[-1]])
-        if self.site.activation in DEAD_PRONE:
-            active = tf.reduce_any(tf.not_equal(flat, 0), axis=0).numpy()
-            self.active = active if self.active is None else self.active | active
-            if self.null is not None and kernel_input is not None:
-                null_active = null_active_units(self.null, kernel_input)
-                previous = self.null_active
-                self.null_active = (
-                    null_active if previous is None else previous | null_active
-                )
-        else:
-            derivative = derivative_from_outputs(flat.numpy(), self.site.activation)
-            self.saturated += int(np.count_nonzero(derivative < DERIVATIVE_THRESHOLD))
-            self.total += int(derivative.size)
-
-    def result(self) -> dict[str, Any]:
-        site = self.site
-        row: dict[str, Any] = {
-            "site": site.name,
-            "layer": site.owner,
-            "activation": site.activation,
-            "units": site.units,
-            "dead_units": np.nan,
-            "null_silent_fraction": np.nan,
-            "null_units": np.nan,
-            "dead_bias_mean": np.nan,
-            "saturated_fraction": np.nan,
-        }
-        if self.active is not None:
-            dead = ~self.active
-            row["dead_units"] = int(dead.sum())
-            if site.normalized:
-                row["null_silent_fraction"] = 0.0  # normalization centres every unit
-            elif self.null_active is not None:
-                row["null_silent_fraction"] = float(np.mean(~self.null_active))
-                row["null_units"] = len(self.null_active)
-            bias = getattr(site.kernel_layer, "bias", None)
-            if dead.any() and bias is not None and not site.normalized:
-                values = keras.ops.convert_to_numpy(bias)[dead]
-                row["dead_bias_mean"] = float(np.mean(values))
-        if self.total:
-            row["saturated_fraction"] = self.saturated / self.total
-        return row
-
-
 def restoring(model: keras.Model) -> Callable[[], None]:
     """A function that puts the model's non-trainable variables back as they are now."""
     saved = [(v, keras.ops.convert_to_numpy(v)) for v in model.non_trainable_variables]
@@ -182,7 +114,7 @@ class _Pass:
         self.kernel_names: list[str] = []
         self.recorder: CallRecorder | None = None
         if not calls_model:
-            self._watch_calls(model)
+            self._watch_calls(model, seed)
             return
         reason = functional_reason(model)
         if reason is not None:
@@ -194,7 +126,7 @@ class _Pass:
             for layer in ordered_layers(model)
             if has_kernel(layer) and layer_output(model, layer) is not None
         ]
-        self.stats = [_SiteStats(site, seed) for site in self.sites]
+        self.stats = [SiteStats(site, seed) for site in self.sites]
         tensors = [site.output for site in self.sites]
         tensors += [
             site.kernel_input if stat.null is not None else site.output
@@ -205,34 +137,68 @@ class _Pass:
         self._order = {layer.name: i for i, layer in enumerate(ordered_layers(model))}
         self.kernel_names = [layer.name for layer in self.kernel_layers]
 
-    def _watch_calls(self, model: keras.Model) -> None:
-        """Records the outputs of every kernel layer, nested ones included, as the
-        objective (a `loss_fn`) calls them."""
-        walked = {}
-        for qualified, layer in walk_layers(model):
-            if has_kernel(layer) and id(layer) not in walked:
-                walked[id(layer)] = (qualified, layer)
-        self.kernel_names = [qualified for qualified, _ in walked.values()]
-        self.kernel_layers = [layer for _, layer in walked.values()]
-        self.recorder = CallRecorder(self.kernel_layers)
-        self._order = {name: i for i, name in enumerate(self.kernel_names)}
-        self.notes.append(
-            f"Through `loss_fn`, model {model.name!r} is measured by the gradients of "
-            "its variables and of the outputs of the kernel layers the function "
-            "calls; dead-unit and saturation statistics are not measured (diagnose "
-            "a functional sub-model on its own inputs for them)."
-        )
+    def _watch_calls(self, model: keras.Model, seed: int) -> None:
+        """Records, as the objective (a `loss_fn`) calls them, the outputs of every
+        kernel layer, nested ones included, and the activation sites of the
+        functional models among them (the sub-models of a GAN or a VAE)."""
+        walked: dict[int, tuple[str, keras.Layer]] = {}
+        for qualified, layer in [("", model)] + walk_layers(model):
+            walked.setdefault(id(layer), (qualified, layer))
+        kernels = [item for item in walked.values() if has_kernel(item[1])]
+        self.kernel_names = [qualified for qualified, _ in kernels]
+        self.kernel_layers = [layer for _, layer in kernels]
+        self._order = {name: i for i, (name, _) in enumerate(walked.values())}
+        for qualified, layer in walked.values():
+            if isinstance(layer, keras.Model) and functional_reason(layer) is None:
+                prefix = f"{qualified}/" if qualified else ""
+                for site in activation_sites(layer):
+                    self.sites.append(site)
+                    self.stats.append(SiteStats(site, seed, prefix))
+        watched = self.kernel_layers + [site.layer for site in self.sites]
+        watched += [site.kernel_layer for site in self.sites if site.kernel_layer]
+        self._watched = list({id(layer): layer for layer in watched}.values())
+        self._slot = {id(layer): i for i, layer in enumerate(self._watched)}
+        self.recorder = CallRecorder(self._watched)
+        if not self.sites:
+            self.notes.append(
+                f"Through `loss_fn`, model {model.name!r} is measured by the "
+                "gradients of its variables and of the outputs of the kernel layers "
+                "the function calls. Dead-unit and saturation statistics come from "
+                "the activations of functional sub-models; it has none."
+            )
 
-    def _forward(
-        self, xb: Any, start: int, stop: int
-    ) -> tuple[list[Any], list[Any], list[int], tf.Tensor]:
-        """The objective on one batch, with the tensors read on the way: the site
-        tensors, the kernel-layer outputs, the kernel layer of each, the loss."""
+    def _recorded_sites(
+        self, calls: list[list[tuple[Any, Any]]]
+    ) -> tuple[list[list[Any]], list[list[Any]]]:
+        """Per site, one entry per call: its output, and its kernel layer's input
+        (`None` where the null model needs none or the calls do not pair up)."""
+        outputs, inputs = [], []
+        for stat, site in zip(self.stats, self.sites):
+            made = [output for _, output in calls[self._slot[id(site.layer)]]]
+            read = (
+                [given for given, _ in calls[self._slot[id(site.kernel_layer)]]]
+                if stat.null is not None
+                else []
+            )
+            outputs.append(made)
+            inputs.append(read if len(read) == len(made) else [None] * len(made))
+        return outputs, inputs
+
+    def _forward(self, xb: Any, start: int, stop: int) -> tuple[Any, ...]:
+        """The objective on one batch, with the tensors read on the way.
+
+        Returns:
+            Per site, its outputs and its kernel inputs (one per call); the
+            kernel-layer outputs, the kernel layer of each (an index); the loss.
+        """
         if self.recorder is not None:
             with self.recorder.recording() as calls:
                 loss = self.objective(None, start, stop)
-            owners = [index for index, outputs in enumerate(calls) for _ in outputs]
-            return [], [output for outputs in calls for output in outputs], owners, loss
+            site_outputs, kernel_inputs = self._recorded_sites(calls)
+            made = [calls[self._slot[id(layer)]] for layer in self.kernel_layers]
+            owners = [index for index, outputs in enumerate(made) for _ in outputs]
+            outputs = [output for pairs in made for _, output in pairs]
+            return site_outputs, kernel_inputs, outputs, owners, loss
         if self.reader is None:
             y_pred, read = self.model(xb, training=self.training), []
         else:
@@ -240,11 +206,12 @@ class _Pass:
         count = len(self.sites)
         outputs = read[2 * count :]
         loss = self.objective(y_pred, start, stop)
-        return read[: 2 * count], outputs, list(range(len(outputs))), loss
+        site_outputs = [[output] for output in read[:count]]
+        kernel_inputs = [[given] for given in read[count : 2 * count]]
+        return site_outputs, kernel_inputs, outputs, list(range(len(outputs))), loss
 
     def run(self, scale: float) -> None:
         """Accumulates gradients of `scale` x the objective, divided back by `scale`."""
-        count = len(self.sites)
         self.grad_sums: list[np.ndarray | None] = [None] * len(self.variables)
         self.squares = np.full(len(self.kernel_layers), np.nan)  # NaN: no gradient
         self.first_non_finite: str | None = None
@@ -254,7 +221,9 @@ class _Pass:
             stop = min(start + self.batch_size, self.examples)
             xb = keras.tree.map_structure(lambda value: value[start:stop], self.x)
             with tf.GradientTape() as tape:
-                read, outputs, owners, loss = self._forward(xb, start, stop)
+                site_outputs, kernel_inputs, outputs, owners, loss = self._forward(
+                    xb, start, stop
+                )
                 loss = loss * scale
             gradients = tape.gradient(loss, self.variables + outputs)
             for index, gradient in enumerate(gradients[: len(self.variables)]):
@@ -268,13 +237,14 @@ class _Pass:
                     square = tf.reduce_sum(tf.square(tf.cast(gradient, tf.float64)))
                     previous = np.nan_to_num(self.squares[index])
                     self.squares[index] = previous + float(square) / scale**2
-            for stat, output, kernel_input in zip(
-                self.stats, read[:count], read[count : 2 * count]
-            ):
-                stat.add(output, kernel_input if stat.null is not None else None)
-            names = [site.layer.name for site in self.sites]
+            names = []
+            for stat, made, given in zip(self.stats, site_outputs, kernel_inputs):
+                for output, kernel_input in zip(made, given):
+                    stat.add(output, kernel_input if stat.null is not None else None)
+                    names.append(stat.prefix + stat.site.name)
             names += [self.kernel_names[index] for index in owners]
-            for name, output in zip(names, read[:count] + outputs):
+            site_tensors = [output for made in site_outputs for output in made]
+            for name, output in zip(names, site_tensors + outputs):
                 self._check_finite(name, output)
 
     def _check_finite(self, name: str, output: tf.Tensor) -> None:
