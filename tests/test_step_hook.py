@@ -411,3 +411,31 @@ def test_the_monitor_names_itself_and_its_remedy_for_a_step_without_optimizer():
     monitor = kgrad.GradientHealthMonitor(verbose=0)
     with pytest.raises(RuntimeError, match="^GradientHealthMonitor could not reach.*loss_fn="):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+
+
+def test_probe_mode_with_loss_fn_on_a_model_without_call():
+    real, _ = _data()
+    gan = _gan()
+
+    def d_loss(model, batch):
+        return model.losses_of(batch, batch[:, :4] * 0.5)[0]
+
+    logger = kgrad.GradientNormLogger(probe_data=real[:BATCH], loss_fn=d_loss)
+    gan.fit(real, batch_size=BATCH, epochs=1, verbose=0, callbacks=[logger])
+    frame = logger.to_dataframe()
+    assert set(frame.optimizer) == {"probe"} and len(logger.records) == 2
+    with tf.GradientTape() as tape:
+        loss = d_loss(gan, real[:BATCH])
+    grads = tape.gradient(loss, gan.discriminator.trainable_variables)
+    kernel = frame[(frame.layer == "discriminator/d_dense") & (frame.variable == "kernel")]
+    # lr 0: both probes see the same weights, so the same gradient.
+    np.testing.assert_allclose(kernel.grad_norm, [float(tf.norm(grads[0]))] * 2, rtol=1e-5)
+    # The generator's layers get the discriminator loss's gradient through the fakes.
+    assert (frame[frame.layer.astype(str).str.startswith("generator")].grad_norm > 0).all()
+
+
+def test_loss_fn_needs_probe_data():
+    with pytest.raises(ValueError, match="probe_data=None"):
+        kgrad.GradientNormLogger(loss_fn=lambda model, batch: 0.0)
+    with pytest.raises(TypeError, match="loss_fn"):
+        kgrad.GradientNormLogger(probe_data=np.zeros((2, 3)), loss_fn="mse")

@@ -16,7 +16,12 @@ import tensorflow as tf
 
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.capture.norm_buffer import NormBuffer, OptimizerBuffers
-from kgrad.capture.probe import check_probe_data, probe_gradients
+from kgrad.capture.probe import (
+    LossFunction,
+    check_loss_fn,
+    check_probe_data,
+    probe_gradients,
+)
 from kgrad.capture.step_hook import StepContext, StepHook, model_is_built
 from kgrad.capture.variables import layer_names, track_variables
 from kgrad.records.csv_sink import CsvSink
@@ -40,8 +45,10 @@ class GradientNormLogger(KgradCallback):
 
     In *probe* mode (`probe_data=(x, y)`), the gradients are computed with
     `tf.GradientTape` on that fixed batch after every `every_n_steps` steps: for models
-    whose own training step does not go through `model.optimizer.apply`, and for
-    comparing runs on the same inputs. It costs a forward and a backward pass per probe.
+    whose own training step calls no Keras optimizer, and for comparing runs on the
+    same inputs; with `loss_fn`, of that function's loss (for a model with no
+    `call()`). It costs a forward and a backward pass per probe. Its records are
+    those of optimizer `"probe"`.
 
     At the end of each epoch the logger adds to `logs` (so History, CSVLogger,
     EarlyStopping, the progress bar and TensorBoard see them; list the logger before
@@ -60,7 +67,8 @@ class GradientNormLogger(KgradCallback):
             (see the README's benchmarks). Defaults to `1`.
         layers: Glob patterns over layer names (nested models as `outer/inner`); only
             matching layers are recorded. Defaults to `None`, every trainable layer.
-        probe_data: `(x, y)` or `(x, y, sample_weight)` for probe mode. Defaults to
+        probe_data: `(x, y)` or `(x, y, sample_weight)` for probe mode; with
+            `loss_fn`, also a bare batch (what `train_step` receives). Defaults to
             `None`, real-step mode.
         probe_training: The `training` flag of probe forward passes. Defaults to
             `False` (dropout off, batch-norm statistics untouched).
@@ -77,6 +85,9 @@ class GradientNormLogger(KgradCallback):
         weight_norms: Record each variable's weight norm beside its gradient norm.
             They are about a third of the logger's cost per step; `False` records
             NaN. Defaults to `True`.
+        loss_fn: Probe mode only: `loss_fn(model, batch) -> scalar`, differentiated
+            on `probe_data` instead of the compiled loss, for a model with no
+            `call()` of its own (keras-io's GAN and VAE). Defaults to `None`.
 
     Raises:
         ValueError: on a bad argument (before training), or in `on_train_begin` when
@@ -103,6 +114,7 @@ class GradientNormLogger(KgradCallback):
         histogram_every_n_steps: int | None = None,
         verbose: int = 0,
         weight_norms: bool = True,
+        loss_fn: LossFunction | None = None,
     ):
         super().__init__()
         self.every_n_steps = check_positive_int(every_n_steps, "every_n_steps")
@@ -116,6 +128,15 @@ class GradientNormLogger(KgradCallback):
                 f"['dense*']. Received: layers={layers!r}"
             )
         self.layers = None if layers is None else list(layers)
+        check_loss_fn(loss_fn)
+        if loss_fn is not None and probe_data is None:
+            raise ValueError(
+                "`loss_fn` is differentiated on a fixed batch: pass that batch as "
+                "`probe_data` too. Received: probe_data=None"
+            )
+        if loss_fn is not None and not isinstance(probe_data, (tuple, list)):
+            probe_data = (probe_data, None)  # a bare batch, as a GAN's step takes
+        self.loss_fn = loss_fn
         if probe_data is not None and (
             not isinstance(probe_data, (tuple, list)) or len(probe_data) not in (2, 3)
         ):
@@ -348,7 +369,7 @@ class GradientNormLogger(KgradCallback):
     def _make_probe_function(self):
         model, probe = self.model, self._probe
         hook = StepHook.attach(model)
-        probe.batch = check_probe_data(model, self.probe_data)
+        probe.batch = check_probe_data(model, self.probe_data, loss_fn=self.loss_fn)
         tracked = track_variables(model, self.layers)
         probe.buffer = NormBuffer(
             hook,
@@ -361,10 +382,13 @@ class GradientNormLogger(KgradCallback):
         x, y, sample_weight = probe.batch
         training = self.probe_training
         buffer = probe.buffer
+        loss_fn = self.loss_fn
 
         @tf.function
         def probe_step(step):
-            _, gradients = probe_gradients(model, x, y, sample_weight, training)
+            _, gradients = probe_gradients(
+                model, x, y, sample_weight, training, loss_fn=loss_fn
+            )
             context = StepContext(
                 variables=list(model.trainable_variables),
                 gradients=list(gradients),
@@ -385,7 +409,7 @@ class GradientNormLogger(KgradCallback):
                 return {}
             rows, dropped = buffer.fetch(self._probe_first_step, self._probe_steps)
             self._probe_steps = []
-            return {"optimizer": (rows, dropped, buffer)}
+            return {"probe": (rows, dropped, buffer)}
         fetched = {}
         steps = self._read_steps()
         for name, buffer in self._buffers.buffers.items():
