@@ -439,3 +439,17 @@ def test_loss_fn_needs_probe_data():
         kgrad.GradientNormLogger(loss_fn=lambda model, batch: 0.0)
     with pytest.raises(TypeError, match="loss_fn"):
         kgrad.GradientNormLogger(probe_data=np.zeros((2, 3)), loss_fn="mse")
+
+
+def test_a_vanishing_generator_is_news_after_a_vanishing_discriminator():
+    from kgrad.diagnosis.findings import Finding, FindingLog
+
+    log = FindingLog()
+
+    def vanishing(optimizer, layers):
+        return Finding("vanishing", "critical", layers, {"optimizer": optimizer}, [])
+
+    assert log.add(vanishing("d_optimizer", ["discriminator/d_dense"]))
+    assert not log.add(vanishing("d_optimizer", ["discriminator/d_out"]))
+    assert log.add(vanishing("g_optimizer", ["generator/g_dense"]))
+    assert not log.add(vanishing("g_optimizer", ["generator/g_out"]))

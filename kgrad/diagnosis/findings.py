@@ -69,7 +69,8 @@ class FindingLog:
 
     A trend across depth (vanishing, growth) or a spike is one story however the layers
     it names shift from one epoch to the next; dead, saturated, stalled or non-finite
-    layers are news when a layer not named before appears.
+    layers are news when a layer not named before appears. Findings whose evidence
+    names another `optimizer` are other stories.
 
     Example:
 
@@ -84,14 +85,16 @@ class FindingLog:
 
     def __init__(self) -> None:
         self.findings: list[Finding] = []
-        self._named: dict[tuple[str, Any], set[str]] = {}
+        self._named: dict[tuple[str, Any, Any], set[str]] = {}
 
     def add(self, finding: Finding) -> bool:
         """Keeps `finding`; returns whether it is news (to be announced)."""
         self.findings.append(finding)
         signal = finding.evidence.get("signal")
         trend = finding.kind == "vanishing" or signal in ("depth_growth", "norm_spike")
-        group = (finding.kind, signal)
+        # Each optimizer's gradients tell their own story (a GAN's generator and
+        # discriminator): a vanishing generator is news after a vanishing discriminator.
+        group = (finding.kind, signal, finding.evidence.get("optimizer"))
         named = self._named.get(group)
         if named is not None and (trend or set(finding.layers) <= named):
             return False
