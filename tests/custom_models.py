@@ -1,7 +1,9 @@
-"""A small GAN in the keras-io pattern, shared by the warm-up and early-stopping tests.
+"""Models written the way users write them, shared by the warm-up and early-stopping
+tests: a subclassed model built by its first batch, and a small GAN in the keras-io
+pattern.
 
-`compile(d_optimizer=..., g_optimizer=...)` calls `super().compile()` (which leaves an
-unused default `model.optimizer`, RMSprop), and `train_step` calls
+The GAN's `compile(d_optimizer=..., g_optimizer=...)` calls `super().compile()` (which
+leaves an unused default `model.optimizer`, RMSprop), and `train_step` calls
 `self.g_optimizer.apply_gradients(...)`, then `self.d_optimizer.apply_gradients(...)`.
 There is no `call()`. The step is TensorFlow's (`tf.GradientTape`), like keras-io's.
 """
@@ -57,3 +59,15 @@ def make_gan(d_rate=0.02, g_rate=0.01, discriminator=None):
         d_optimizer=keras.optimizers.SGD(d_rate), g_optimizer=keras.optimizers.SGD(g_rate)
     )
     return gan
+
+
+class Regressor(keras.Model):
+    """A subclassed model: Keras builds it (and its optimizer) in the first step."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(4)
+        self.out = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))

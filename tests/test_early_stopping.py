@@ -6,8 +6,11 @@ import keras
 import keras_tuner
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kgrad
+from custom_models import FEATURES, Regressor, make_gan
+from kgrad.capture.step_hook import StepContext, StepHook
 
 BATCH = 8
 
@@ -302,3 +305,166 @@ def test_all_control_callbacks_compose_with_the_logger_and_keras_tuner(tmp_path)
     assert all(t.status == "COMPLETED" for t in trials)
     assert all(np.isfinite(t.score) for t in trials)
     assert logger.records is None  # the tuner trained deep copies, not the original
+
+
+# -- monitors that the model does not log --------------------------------------------------
+
+
+class BatchCounter(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
+def _compiled_with_mae():
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.01), loss="mse", metrics=["mae"])
+    return model
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_training_metric_that_is_not_logged_fails_after_the_first_batch(check_finite):
+    x, y = _data()
+    model = _compiled_with_mae()
+    counter = BatchCounter()
+    stopper = kgrad.EarlyStopping(monitor="accuracy", check_finite=check_finite)
+    with pytest.raises(ValueError, match=(
+        r"monitors `accuracy`, which the model does not log: the logs of the first "
+        r"batch hold loss, mae\..*Received: monitor='accuracy'")):
+        _fit(model, [counter, stopper], x, y)
+    if check_finite:  # synchronous batch hooks: the very first batch
+        assert counter.batches == 1
+    assert counter.batches < len(x) // BATCH  # before the first epoch ends
+    assert not StepHook.attach(model).installed  # unhooked
+    _fit(model, [], x, y, epochs=1)  # and the model trains on
+
+
+def test_a_validation_metric_is_checked_at_the_first_epoch_end():
+    x, y = _data()
+    counter = BatchCounter()
+    with pytest.raises(ValueError, match=(
+        r"`val_loss`, which is not in the logs. Available: loss, mae.*validation data")):
+        _fit(_compiled_with_mae(), [counter, kgrad.EarlyStopping()], x, y)
+    assert counter.batches == len(x) // BATCH
+
+
+def test_keys_that_callbacks_write_at_the_epoch_end_are_waited_for():
+    x, y = _data()
+    stopper = kgrad.EarlyStopping(monitor="grad_norm/global", mode="min", patience=5)
+    history = _fit(_model(), [kgrad.GradientNormLogger(), stopper], x, y, epochs=2)
+    assert stopper.best == pytest.approx(min(history.history["grad_norm/global"]))
+
+
+@pytest.mark.parametrize("monitor", [None, "", 3])
+def test_monitor_must_be_a_name(monitor):
+    with pytest.raises(ValueError, match=rf"`monitor` must be the name.*monitor={monitor!r}"):
+        kgrad.EarlyStopping(monitor=monitor)
+
+
+def test_one_element_arrays_are_compared_and_reported():
+    # F1Score logs an array of one element per class.
+    stopper, model = _driven(monitor="f1", mode="max", check_finite=True)
+    assert _run_epochs(stopper, model, [{"f1": np.array([0.5])}, {"f1": np.array([0.4])}]) == 1
+    assert stopper.stop_reason == "no improvement in `f1` for 1 epochs (best 0.5 at epoch 1)"
+    stopper, model = _driven(monitor="f1", mode="max", check_finite=True)
+    assert _run_epochs(stopper, model, [{"f1": np.array([np.nan])}]) == 0
+    assert stopper.stop_reason == "non-finite `f1` (nan) at epoch 1"
+
+
+# -- every optimizer of the step, and models built by their first batch --------------------
+
+
+def _zero_row_discriminator():
+    """sqrt(|x·W|) with no bias: a zero input row makes the kernel's gradient 0/0."""
+    return keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(2, use_bias=False, kernel_initializer="ones"),
+        SqrtAbs(),
+        keras.layers.Dense(1),
+    ], name="discriminator")
+
+
+def test_a_gan_stop_names_the_optimizer_whose_gradient_was_not_finite():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(4 * BATCH, FEATURES)).astype("float32")
+    real[2 * BATCH + 1] = 0.0  # the third batch
+    gan = make_gan(discriminator=_zero_row_discriminator())
+    counter = BatchCounter()
+    stopper = kgrad.EarlyStopping(monitor="d_loss")
+    gan.fit(real, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+            callbacks=[counter, stopper])
+    # The generator stepped first, on finite gradients; the discriminator did not.
+    assert stopper.stop_reason == "non-finite gradient (d_optimizer) at epoch 1, batch 3"
+    assert counter.batches == 3
+
+
+def test_the_reason_names_each_optimizer_at_fault():
+    stopper = kgrad.EarlyStopping(monitor="d_loss")
+    stopper.set_model(make_gan())
+    stopper.on_train_begin()
+    for name in ("g_optimizer", "d_optimizer"):
+        stopper._observe(StepContext(
+            variables=[], gradients=[tf.constant([np.inf])], applied=[], step=None,
+            strategy=None, optimizer_name=name))
+    stopper.on_epoch_begin(1)
+    stopper.on_train_batch_end(2, {"d_loss": 0.5, "g_loss": 0.7})
+    assert stopper.stop_reason == (
+        "non-finite gradient (d_optimizer, g_optimizer) at epoch 2, batch 3"
+    )
+    stopper.on_train_end()
+
+
+class WeightsAfterFirstBatch(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and not hasattr(self, "weights"):
+            self.weights = self.model.get_weights()
+
+
+@pytest.mark.parametrize("build", ["subclassed", "sequential_without_input"])
+def test_models_built_by_their_first_batch(build):
+    def make():
+        model = Regressor() if build == "subclassed" else keras.Sequential(
+            [keras.layers.Dense(4), keras.layers.Dense(1)]
+        )
+        model.compile(keras.optimizers.SGD(0.01), loss="mse")
+        return model
+
+    x, y = _data()
+    history = _fit(make(), [kgrad.EarlyStopping("loss")], x, y)  # the defaults
+    assert len(history.history["loss"]) == 3
+    # A NaN in the third batch: the weights restored are those after the first batch,
+    # the first the model had (it had none before its first step).
+    x, y = _data(nan_row=2 * BATCH)
+    model = make()
+    first = WeightsAfterFirstBatch()
+    stopper = kgrad.EarlyStopping("loss", restore_best_weights=True)
+    _fit(model, [first, stopper], x, y)
+    assert stopper.stop_reason == "non-finite loss (nan) and gradient at epoch 1, batch 3"
+    for restored, expected in zip(model.get_weights(), first.weights, strict=True):
+        np.testing.assert_array_equal(restored, expected)
+
+
+def test_a_nan_in_the_first_batch_of_an_unbuilt_model_keeps_the_weights(capsys):
+    model = keras.Sequential([keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01), loss="mse")
+    x, y = _data(nan_row=0)
+    stopper = kgrad.EarlyStopping("loss", restore_best_weights=True, verbose=1)
+    _fit(model, [stopper], x, y)
+    assert stopper.stopped_batch == 0
+    assert "the model had no weights before it to restore" in capsys.readouterr().out
+
+
+def test_a_second_fit_reuses_the_traced_step():
+    class TrainFunction(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.function = self.model.train_function
+
+    x, y = _data()
+    model = _model()
+    stopper, seen = kgrad.EarlyStopping("loss"), TrainFunction()
+    _fit(model, [stopper, seen], x, y, epochs=1)
+    first = seen.function
+    _fit(model, [stopper, seen], x, y, epochs=1)
+    assert seen.function is first

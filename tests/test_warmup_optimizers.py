@@ -7,7 +7,7 @@ The GAN's `train_step` uses `tf.GradientTape` (keras-io's pattern): TensorFlow o
 import keras
 import numpy as np
 import pytest
-from two_optimizer_gan import FEATURES, make_gan
+from custom_models import FEATURES, Regressor, make_gan
 
 import kgrad
 
@@ -21,7 +21,7 @@ def _real():
 
 
 class RatesRecorder(keras.callbacks.Callback):
-    """Each optimizer's rate as each step runs with it, and its iterations at the end."""
+    """Each optimizer's rate as each step runs with it, and the batch logs."""
 
     def __init__(self, names):
         super().__init__()
@@ -160,18 +160,6 @@ def test_learning_rate_at_names_the_optimizer_when_there_are_several():
     assert warmup.learning_rate_at(2, "g_optimizer") == pytest.approx(0.00625)
     with pytest.raises(ValueError, match=r"d_optimizer, g_optimizer. Received: optimizer=None"):
         warmup.learning_rate_at(2)
-
-
-class Regressor(keras.Model):
-    """A subclassed model: built by its first batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(2)
-        self.out = keras.layers.Dense(1)
-
-    def call(self, inputs):
-        return self.out(self.hidden(inputs))
 
 
 @pytest.mark.parametrize("build", ["subclassed", "sequential_without_input"])

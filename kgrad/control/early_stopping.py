@@ -55,7 +55,7 @@ def _written_by_callbacks(key: str) -> bool:
 
 @dataclasses.dataclass(eq=False)
 class _FiniteFlags:
-    """Per optimizer, the count of steps with a non-finite gradient (a step variable)."""
+    """Per optimizer, how many steps had a non-finite gradient (a step variable)."""
 
     hook: StepHook
     names: list[str]
@@ -435,7 +435,8 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         self.model.set_weights(self._initial_weights)
 
     def _better(self, value: Any, reference: Any) -> bool:
-        return bool(np.all(keras.ops.convert_to_numpy(self.monitor_op(value, reference))))
+        better = self.monitor_op(value, reference)
+        return bool(np.all(keras.ops.convert_to_numpy(better)))
 
     def _at_least_as_good(self, value: Any, reference: Any) -> bool:
         return bool(np.all(np.asarray(value) == reference)) or self._better(

@@ -42,7 +42,9 @@ def _schedule_of(optimizer: keras.optimizers.Optimizer) -> object | None:
 
 
 def _schedule_error(schedules: dict[str, object]) -> TypeError:
-    names = ", ".join(f"{name} ({type(rate).__name__})" for name, rate in schedules.items())
+    names = ", ".join(
+        f"{name} ({type(rate).__name__})" for name, rate in schedules.items()
+    )
     return TypeError(
         "LearningRateWarmup sets `optimizer.learning_rate` at every step, but the "
         f"learning rate of {names} is a schedule, which cannot be set. Wrap the "
@@ -200,7 +202,8 @@ class LearningRateWarmup(KgradCallback):
         if optimizer not in self._targets:
             raise ValueError(
                 f"`optimizer` must name one of the warmed optimizers: "
-                f"{', '.join(self._targets) or 'none'}. Received: optimizer={optimizer!r}"
+                f"{', '.join(self._targets) or 'none'}. "
+                f"Received: optimizer={optimizer!r}"
             )
         fraction = min(step / self._total_steps, 1.0)
         return warmup_curve(
@@ -218,7 +221,8 @@ class LearningRateWarmup(KgradCallback):
         }
         # Named, or the only candidates: an error now. Otherwise only if the first
         # batch shows that the step uses them.
-        if schedules and (self.optimizers is not None or len(schedules) == len(optimizers)):
+        named_or_all = self.optimizers is not None or len(schedules) == len(optimizers)
+        if schedules and named_or_all:
             raise _schedule_error(schedules)
         self._total_steps = self._steps_to_warm()
         self._optimizers = optimizers
@@ -315,7 +319,9 @@ class LearningRateWarmup(KgradCallback):
             for name, (optimizer, start) in self._iterations_at_start.items()
             if _iterations(optimizer) != start
         ]
-        used_schedules = {name: self._schedules[name] for name in used if name in self._schedules}
+        used_schedules = {
+            name: self._schedules[name] for name in used if name in self._schedules
+        }
         if used_schedules:
             raise _schedule_error(used_schedules)
         unused = [name for name in self._warmed if name not in used]

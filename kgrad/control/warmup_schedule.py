@@ -90,7 +90,9 @@ def check_warmup_arguments(
         )
     # A factor is a fraction of the target: 0 would be no factor at all (omit it, or
     # pass start_learning_rate=0), above 1 a warm-down.
-    check_number(start_factor, "start_factor", greater_than=0, at_most=1, allow_none=True)
+    check_number(
+        start_factor, "start_factor", greater_than=0, at_most=1, allow_none=True
+    )
     start = check_number(
         start_learning_rate, "start_learning_rate", at_least=0, allow_none=True
     )
@@ -123,8 +125,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         warmup_steps: T, the number of warm-up steps (> 0).
         start_learning_rate: The rate at step 0. Defaults to `None`.
         start_factor: The rate at step 0 as a fraction of the target, in (0, 1].
-            Defaults to `None`. With neither given the warm-up starts at `0.0` (not allowed for
-            `exponential`, which needs a start > 0).
+            Defaults to `None`. With neither given the warm-up starts at `0.0`
+            (not allowed for `exponential`, which needs a start > 0).
         shape: `"linear"`, `"cosine"` or `"exponential"`. Defaults to `"linear"`.
         name: The schedule's name. Defaults to `"WarmupSchedule"`.
 
