@@ -173,3 +173,10 @@ def test_diagnose_of_a_deep_sigmoid_net_suggests_what_it_lacks_only():
     assert fixes.FIX_BATCH_NORM not in vanishing.fixes
     assert fixes.FIX_RESIDUAL in vanishing.fixes
     assert vanishing.fixes[0] == fixes.FIX_REPLACE_SIGMOID
+
+
+@pytest.mark.parametrize("initializer, is_he", [("glorot_uniform", False), ("he_normal", True)])
+def test_exploding_advice_names_he_only_where_it_is_missing(initializer, is_he):
+    first = _fixes(_mlp(initializer=initializer), "exploding")[0]
+    assert ("`he_normal`" in first) == (not is_he)
+    assert ("already start at He's scale" in first) == is_he

@@ -147,8 +147,15 @@ def _init_scale_fix(layers: Sequence[str], context: NetworkContext) -> str:
     advice = []
     if activations & SATURATING:
         advice.append("`glorot_uniform` for sigmoid/tanh layers")
-    if activations & RELU_LIKE:
+    if activations & RELU_LIKE and context.lacks_he(layers):
         advice.append("`he_normal` for ReLU-family layers")
+    elif activations & RELU_LIKE and not advice:
+        # He already: the scale that explodes is not the one the weights started at.
+        return (
+            "The ReLU layers already start at He's scale (σ_w² = 2)"
+            f"{_scale_text(layers, context)}: the weights grew during training; "
+            "lower the learning rate or clip the gradients."
+        )
     if not advice:
         advice.append("Glorot init (`glorot_uniform`, the Keras default)")
     return (
