@@ -73,12 +73,18 @@ _VANISHING_KEYS = ["health/first_to_last", "grad_norm/first_to_last"]
 class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
     """`keras.callbacks.EarlyStopping` that also stops on NaN, divergence and vanishing.
 
-    Every option of Keras's `EarlyStopping` works as there; on top of it:
+    A drop-in for Keras's class: every option works as there, on models built up
+    front or by their first batch, with metrics logged as arrays (`F1Score`), and
+    driven by hand on a model that has no optimizer (then nothing is checked in the
+    step). On top of it:
 
     - `check_finite`: stop at the first batch whose loss or gradient is not finite
       (the running loss of `logs["loss"]`, and a flag written inside the real
-      training step), not after burning the patience on NaN epochs. A non-finite
-      monitored value at an epoch end stops too, and is never taken as the best.
+      training step for each optimizer the model holds: a GAN's `d_optimizer` and
+      `g_optimizer` alike), not after burning the patience on NaN epochs. With
+      several optimizers the reason names the ones at fault: "non-finite gradient
+      (d_optimizer) at epoch 2, batch 3". A non-finite monitored value at an epoch
+      end stops too, and is never taken as the best.
     - `stopping_threshold` / `divergence_threshold`: stop as soon as the monitored
       value reaches the first, or is worse than the second (checked at every epoch
       end, `start_from_epoch` notwithstanding).
@@ -90,7 +96,8 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
       from `kgrad.GradientNormLogger`, or the key named by `vanishing_monitor`.
     - With `restore_best_weights`, a stop on a non-finite value restores the best
       weights seen so far, which are finite, or the weights at the start of
-      training when no epoch had completed.
+      training when no epoch had completed (for a model that Keras builds in its
+      first step, the weights after the first batch: it had none before).
 
     Why training stopped is kept in `stop_reason` (printed when `verbose`); epochs
     and batches in it are counted from 1, as in the progress bar. `stopped_epoch`
@@ -129,9 +136,12 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
             `health/first_to_last`, else `grad_norm/first_to_last`.
 
     Raises:
-        ValueError: for an unknown `mode` or a bad number; at an epoch end when
-            `monitor` (or, with `vanishing_patience`, `vanishing_monitor`) is not in
-            the logs — the message lists the keys that are.
+        ValueError: for a `monitor` that is not a name, an unknown `mode` or a bad
+            number; after the first batch, when the monitored training metric is
+            not in its logs; at the first epoch end when a `val_*` monitor, or a key
+            that callbacks write at epoch ends (`grad_norm/...`, `health/...`,
+            `learning_rate`), or with `vanishing_patience` the vanishing ratio, is
+            not in the logs. The messages list the keys that are.
 
     References:
         Lightning's `EarlyStopping` (`check_finite`, `stopping_threshold`,
