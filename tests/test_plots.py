@@ -76,7 +76,55 @@ def test_profile_overlays_models_on_a_log_axis():
     np.testing.assert_allclose(
         bias.lines[0].get_ydata(), frames["sigmoid"]["bias_grad_norm"]
     )
-    assert "bias" in bias.get_ylabel()
+    assert bias.get_ylabel() == "‖∂L/∂b‖: bias-gradient norm"
+    assert ax.get_ylabel() == "‖∂L/∂(layer output)‖: activation-gradient norm"
+
+
+def test_profile_draws_every_model_with_one_measure():
+    # a frame without activation gradients (a logger's) beside one with them: "auto"
+    # would pick activation for one and bias for the other; both get bias
+    with_activation = _layers_frame(0.25)
+    without = _layers_frame(0.5).drop(columns="activation_grad_norm")
+    ax = plots.plot_gradient_profile({"a": with_activation, "b": without}).axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), with_activation.bias_grad_norm)
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), without.bias_grad_norm)
+    assert ax.get_ylabel() == "‖∂L/∂b‖: bias-gradient norm"
+    # no bias in one of them (batch norm): the kernel norms, for both
+    no_bias = _layers_frame(1.0).drop(columns=["activation_grad_norm"])
+    no_bias["bias_grad_norm"] = np.nan
+    ax = plots.plot_gradient_profile({"a": with_activation, "bn": no_bias}).axes[0]
+    assert ax.get_ylabel() == "‖∂L/∂W‖: kernel-gradient norm"
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), no_bias.kernel_grad_norm)
+
+
+def test_the_legend_factor_is_the_reports_decay():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((16,))]
+        + [keras.layers.Dense(16, activation="sigmoid") for _ in range(6)]
+        + [keras.layers.Dense(3)]
+    )
+    report = kgrad.diagnose(model, np.random.default_rng(0).normal(size=(128, 16)))
+    ax = plots.plot_gradient_profile({"sigmoid": report.layers}).axes[0]
+    factor = plots.profile.format_factor(report.decay)
+    assert ax.lines[0].get_label() == f"sigmoid ({factor}x per layer)"
+    assert 0.15 < report.decay < 0.35  # σ′ ≤ 1/4 with Glorot: ~0.24
+
+
+def test_a_plot_with_nothing_to_show_says_so(logger_frame):
+    empty = _layers_frame(1.0)
+    empty[["grad_norm", "kernel_grad_norm", "bias_grad_norm", "activation_grad_norm"]] = (
+        np.nan
+    )
+    ax = plots.plot_gradient_profile({"nan": empty}).axes[0]
+    assert [t.get_text() for t in ax.texts] == [
+        "no finite, positive gradient norm to draw"
+    ]
+    nan_frame = logger_frame.assign(grad_norm=np.nan)
+    ax = plots.plot_gradient_heatmap(nan_frame).axes[0]
+    assert [t.get_text() for t in ax.texts] == [
+        "no finite, positive gradient norm to draw"
+    ]
 
 
 def test_profile_of_a_logger_frame_draws_one_line_per_run(logger_frame):
@@ -110,6 +158,11 @@ def test_heatmap_is_layers_by_steps_of_the_last_run(logger_frame):
     )
     with pytest.raises(ValueError, match="No run 'nope'"):
         plots.plot_gradient_heatmap(logger_frame, run="nope")
+    shared = plots.plot_gradient_heatmap(logger_frame, color_range=(1e-6, 10.0))
+    image = shared.axes[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (1e-6, 10.0)
+    with pytest.raises(ValueError, match=r"Received: color_range=\(1.0, 0.5\)"):
+        plots.plot_gradient_heatmap(logger_frame, color_range=(1.0, 0.5))
     with pytest.raises(ValueError, match="must be a GradientNormLogger frame"):
         plots.plot_gradient_heatmap(_layers_frame(0.5))
 
@@ -133,7 +186,8 @@ def test_activation_curves_mark_the_guides_numbers(tmp_path):
         for line in sigmoid_ax.lines
         if len(line.get_xdata()) == 1
     }
-    assert marked == {(0.0, 0.25), (5.0, 0.99331)}
+    assert marked == {(0.0, 0.25), (5.0, 0.99331), (5.0, 0.00665)}  # σ′(5) on σ′
+    assert "σ′(5) = 0.0066481" in [text.get_text() for text in sigmoid_ax.texts]
     spans = [patch.get_x() for patch in tanh_ax.patches]
     assert pytest.approx(2.993) in spans
     path = tmp_path / "curves.png"

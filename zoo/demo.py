@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 import kgrad
+from kgrad import cli
 from zoo import datasets
 from zoo.builders.mlp import build_mlp
 
@@ -58,6 +59,17 @@ FILES = (
     "gradient_heatmaps.png",
     "accuracy.png",
     "summary.md",
+)
+
+
+# The one definition of the table's gradient columns, the profile plot and its legend.
+MEASURE_NOTE = (
+    "`decay_per_layer`: the per-layer factor of the backpropagated signal (the norm of "
+    "each kernel layer's output gradient, `kgrad.diagnose` at initialization on 512 "
+    "training examples): the geometric mean of the ratio between consecutive layers, "
+    "`report.decay`, as in the legend of the profile plot; below 1 it shrinks towards "
+    "the input. `first_to_last`: the first layer's signal over the last one's, "
+    "`report.first_to_last`."
 )
 
 
@@ -107,15 +119,15 @@ class _Progress(keras.callbacks.Callback):
         )
 
 
-def _train_one(
-    label: str,
-    slug: str,
-    arguments: dict[str, Any],
-    data: datasets.Dataset,
-    settings: DemoSettings,
-    out: str,
-    progress: keras.callbacks.Callback | None,
-) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, list[str]]:
+def initial_report(
+    slug: str, arguments: dict[str, Any], data: datasets.Dataset, settings: DemoSettings
+) -> tuple[keras.Model, kgrad.Report, Any, Any]:
+    """Builds one model of the demo and diagnoses it at initialization.
+
+    Returns:
+        The compiled model, its `kgrad.diagnose` report (on the first 512 training
+        examples) and the training inputs and labels.
+    """
     keras.utils.set_random_seed(settings.seed)
     model = build_mlp(
         data.input_shape,
@@ -133,7 +145,19 @@ def _train_one(
     x_train, y_train = data.x_train, data.y_train
     if settings.train_examples is not None:
         x_train, y_train = x_train[: settings.train_examples], y_train[: settings.train_examples]
-    report = kgrad.diagnose(model, x_train[:512], y_train[:512])
+    return model, kgrad.diagnose(model, x_train[:512], y_train[:512]), x_train, y_train
+
+
+def _train_one(
+    label: str,
+    slug: str,
+    arguments: dict[str, Any],
+    data: datasets.Dataset,
+    settings: DemoSettings,
+    out: str,
+    progress: keras.callbacks.Callback | None,
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, kgrad.Report]:
+    model, report, x_train, y_train = initial_report(slug, arguments, data, settings)
     logger = kgrad.GradientNormLogger(csv_path=os.path.join(out, "logs", f"{slug}.csv"))
     callbacks: list[keras.callbacks.Callback] = [logger]
     if progress is not None:
@@ -150,38 +174,73 @@ def _train_one(
     frame = logger.to_dataframe()
     curves = pd.DataFrame(history.history).rename_axis("epoch").reset_index()
     curves.insert(0, "model", label)
-    findings = [f"{finding.severity}: {finding.kind}" for finding in report.findings]
-    first_epoch = logger.records.first_to_last()[logger.records.epochs == 0]
     row = {
         "model": label,
         "train_accuracy": history.history["accuracy"][-1],
         "val_accuracy": history.history["val_accuracy"][-1],
         "val_loss": history.history["val_loss"][-1],
-        "first_to_last": float(np.nanmedian(first_epoch)),
         "decay_per_layer": report.decay,
-        "findings": "; ".join(findings) or "none",
+        "first_to_last": report.first_to_last,
+        "findings": "; ".join(
+            f"{finding.severity}: {finding.kind}" for finding in report.findings
+        )
+        or "none",
     }
     frame.insert(0, "model", label)
-    return row, frame, curves, [str(finding) for finding in report.findings]
+    return row, frame, curves, report
 
 
-def _write_plots(frames: dict[str, pd.DataFrame], curves: pd.DataFrame, out: str) -> None:
+def profile_figure(reports: dict[str, kgrad.Report]) -> Any:
+    """The four models' backpropagated signal at initialization, one measure for all.
+
+    Each line is `report.layers` drawn with activation gradients (the measure of
+    `kgrad.diagnose`), so its legend's per-layer factor is `report.decay`, printed
+    with `kgrad.plots.profile.format_factor` as in the results table and `summary.md`.
+    """
+    from kgrad import plots
+
+    figure = plots.plot_gradient_profile(
+        {label: report.layers for label, report in reports.items()}, kind="activation"
+    )
+    figure.axes[0].set_title(
+        "Backpropagated signal across depth, at initialization (kgrad.diagnose)"
+    )
+    return figure
+
+
+def heatmap_figure(frames: dict[str, pd.DataFrame]) -> Any:
+    """The gradient flow of each training run, one measure and one colour scale."""
+    import matplotlib.pyplot as plt
+
+    from kgrad import plots
+    from kgrad.plots.profile import common_kind
+
+    kind = common_kind(frames)
+    values = pd.concat(frame.grad_norm for frame in frames.values()).to_numpy()
+    values = values[np.isfinite(values) & (values > 0)]
+    color_range = (float(values.min()), float(values.max())) if values.size else None
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    for ax, (label, frame) in zip(axes.flat, frames.items()):
+        plots.plot_gradient_heatmap(frame, ax=ax, kind=kind, color_range=color_range)
+        ax.set_title(f"{label}: {kind}-gradient norm")
+    figure.suptitle("Gradient flow during training (one colour scale for all four)")
+    return figure
+
+
+def _write_plots(
+    reports: dict[str, kgrad.Report], frames: dict[str, pd.DataFrame],
+    curves: pd.DataFrame, out: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from kgrad import plots
-
-    first_epoch = {label: frame[frame.epoch == 0] for label, frame in frames.items()}
-    figure = plots.plot_gradient_profile(first_epoch)
+    figure = profile_figure(reports)
     figure.savefig(os.path.join(out, "gradient_profile.png"), dpi=110, bbox_inches="tight")
     plt.close(figure)
 
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
-    for ax, (label, frame) in zip(axes.flat, frames.items()):
-        plots.plot_gradient_heatmap(frame, ax=ax)
-        ax.set_title(label)
+    figure = heatmap_figure(frames)
     figure.savefig(os.path.join(out, "gradient_heatmaps.png"), dpi=110)
     plt.close(figure)
 
@@ -197,15 +256,26 @@ def _write_plots(frames: dict[str, pd.DataFrame], curves: pd.DataFrame, out: str
     plt.close(figure)
 
 
+def finding_lines(report: kgrad.Report) -> list[str]:
+    """The findings of `report` as `print(report)` shows them: summary, then fixes."""
+    lines = []
+    for finding in report.findings:
+        lines.append(finding.summary())
+        lines.extend(f"    fix: {fix}" for fix in finding.fixes)
+    return lines or ["no finding"]
+
+
 def _write_summary(
-    results: pd.DataFrame, findings: dict[str, list[str]], settings: DemoSettings,
+    results: pd.DataFrame, reports: dict[str, kgrad.Report], settings: DemoSettings,
     seconds: float, out: str,
 ) -> None:
+    from kgrad.plots.profile import format_factor
+
     table = results.copy()
     for column in ("train_accuracy", "val_accuracy", "val_loss"):
         table[column] = table[column].map("{:.3f}".format)
-    for column in ("first_to_last", "decay_per_layer"):
-        table[column] = table[column].map("{:.2g}".format)
+    table["decay_per_layer"] = table["decay_per_layer"].map(format_factor)
+    table["first_to_last"] = table["first_to_last"].map("{:.2g}".format)
     header = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "---|" * len(table.columns)
     rows = ["| " + " | ".join(map(str, r)) + " |" for r in table.itertuples(index=False)]
@@ -216,15 +286,13 @@ def _write_summary(
         f"{settings.width} units, SGD lr {settings.learning_rate} momentum 0.9, batch "
         f"{settings.batch_size}, {settings.epochs} epochs; {seconds:.0f} s in all.",
         "",
-        "`first_to_last`: median over the first epoch of the first layer's gradient "
-        "norm over the last layer's (bias norms, the backpropagated signal). "
-        "`decay_per_layer`: `kgrad.diagnose` at initialization.",
+        f"{MEASURE_NOTE}",
         "",
         header,
         rule,
         *rows,
         "",
-        "## Gradient profile across depth (first epoch)",
+        "## The backpropagated signal across depth, at initialization",
         "",
         "![gradient profile](gradient_profile.png)",
         "",
@@ -242,10 +310,10 @@ def _write_summary(
         "## Findings at initialization (`kgrad.diagnose`)",
         "",
     ]
-    for label, texts in findings.items():
+    for label, report in reports.items():
         lines.append(f"### {label}")
         lines.append("")
-        lines.extend(["```", *(texts or ["no finding"]), "```", ""])
+        lines.extend(["```", *finding_lines(report), "```", ""])
     lines.append("The per-step logs are in `logs/` (one CSV per model).")
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -286,30 +354,49 @@ def run_demo(
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     data = datasets.load("digits", seed=settings.seed)
     started = time.perf_counter()
-    rows, frames, curves, findings = [], {}, [], {}
+    rows, frames, curves, reports = [], {}, [], {}
     for number, (label, (slug, arguments)) in enumerate(MODELS.items(), start=1):
         progress = _Progress(label, f"{number}/{len(MODELS)}", started) if verbose else None
-        row, frame, curve, texts = _train_one(
+        row, frame, curve, reports[label] = _train_one(
             label, slug, arguments, data, settings, out, progress
         )
         rows.append(row)
         frames[label] = frame
         curves.append(curve)
-        findings[label] = texts
     results = pd.DataFrame(rows)
     history = pd.concat(curves, ignore_index=True)
     results.to_csv(os.path.join(out, "results.csv"), index=False)
     history.to_csv(os.path.join(out, "history.csv"), index=False)
-    _write_plots(frames, history, out)
+    _write_plots(reports, frames, history, out)
     seconds = time.perf_counter() - started
-    _write_summary(results, findings, settings, seconds, out)
+    _write_summary(results, reports, settings, seconds, out)
     if verbose:
         with pd.option_context("display.width", 120, "display.max_colwidth", 60):
             print()
-            print(results.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        print(f"\nReport written to {os.path.abspath(out)}/ in {seconds:.0f} s "
-              f"(open summary.md).")
+            print(results_text(results))
+        print()
+        print(where_text(out, seconds))
     return results
+
+
+def where_text(out: str | os.PathLike, seconds: float) -> str:
+    """Two lines: the path of the results table and of the report folder."""
+    folder = os.path.abspath(out)
+    return (
+        f"Results table: {os.path.join(folder, 'results.csv')}\n"
+        f"Report written to {folder}{os.sep} in {seconds:.0f} s (open summary.md)."
+    )
+
+
+def results_text(results: pd.DataFrame) -> str:
+    """The results table as printed: the per-layer factor as in the plot's legend."""
+    from kgrad.plots.profile import format_factor
+
+    return results.to_string(
+        index=False,
+        formatters={"decay_per_layer": format_factor},
+        float_format=lambda v: f"{v:.3g}",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -318,7 +405,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a run of seconds (for tests)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30)")
     parser.add_argument("--depth", type=int, default=None, help="hidden layers (default 15)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines or table; only where the table and report are",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder that holds another report (one of `kgrad diagnose` "
+        "or `kgrad report`); a previous demo report there is always remade",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -331,7 +428,12 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     settings = dataclasses.replace(settings, **overrides)
+    if not os.path.exists(os.path.join(args.out, "results.csv")):  # not a demo report
+        cli.check_out(args.out, args.force)
+    started = time.perf_counter()
     run_demo(args.out, settings=settings, verbose=0 if args.quiet else 1)
+    if args.quiet:
+        print(where_text(args.out, time.perf_counter() - started))
     return 0
 
 

@@ -24,7 +24,8 @@ def plot_activation_curves(axes: Sequence[Axes] | None = None) -> Figure:
     """Sigmoid, tanh and their derivatives, with the saturation thresholds.
 
     Left: σ and σ′, marking σ′(0) = 0.25 (the most a sigmoid layer passes back),
-    σ(5) = 0.99331 and the region |x| > 4.585 where σ′ < 0.01. Right: tanh and tanh′,
+    σ(5) = 0.99331 on σ, σ′(5) = 0.0066481 on σ′ (what a layer pushed to x = 5 passes
+    back) and the region |x| > 4.585 where σ′ < 0.01. Right: tanh and tanh′,
     marking tanh′(0) = 1 and |x| > 2.993 where tanh′ < 0.01.
 
     Args:
@@ -80,6 +81,15 @@ def plot_activation_curves(axes: Sequence[Axes] | None = None) -> Figure:
     sigmoid_ax.plot([5], [_sigmoid(5.0)], "o", color="tab:blue")
     sigmoid_ax.annotate(
         "σ(5) = 0.99331", (5, _sigmoid(5.0)), (1.6, 0.85), fontsize="small"
+    )
+    slope_at_5 = _sigmoid(5.0) * (1 - _sigmoid(5.0))
+    sigmoid_ax.plot([5], [slope_at_5], "o", color="tab:red")
+    sigmoid_ax.annotate(
+        "σ′(5) = 0.0066481",
+        (5, slope_at_5),
+        (1.6, 0.12),
+        fontsize="small",
+        arrowprops={"arrowstyle": "-", "color": "tab:red", "linewidth": 0.8},
     )
     tanh_ax.plot([0], [1.0], "o", color="tab:red")
     tanh_ax.annotate("tanh′(0) = 1", (0, 1.0), (0.6, 1.05), fontsize="small")

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from kgrad.diagnosis.profile import ProfileKind, check_profile_kind, records_profile
 from kgrad.plots._axes import figure_and_axes
-from kgrad.plots.profile import split_runs
+from kgrad.plots.profile import MEASURE_LABELS, note_nothing_to_show, split_runs
 from kgrad.records.gradient_records import GradientRecords
 
 _MAX_LABELLED_LAYERS = 30
@@ -21,6 +21,7 @@ def plot_gradient_heatmap(
     ax: Axes | None = None,
     kind: ProfileKind = "auto",
     run: str | None = None,
+    color_range: tuple[float, float] | None = None,
 ) -> Figure:
     """Gradient norms as an image, layers (input at the bottom) by logged steps.
 
@@ -34,19 +35,29 @@ def plot_gradient_heatmap(
             `"auto"`.
         run: The run to draw when the frame holds several. Defaults to `None`: the
             last run.
+        color_range: The norms at the ends of the (logarithmic) colour scale, to
+            give several heatmaps one scale. Defaults to `None`: this frame's
+            smallest and largest finite norm.
 
     Returns:
         The matplotlib `Figure`.
 
     Raises:
-        ValueError: if the frame is not a logger frame, is empty, or has no run
-            named `run`.
+        ValueError: if the frame is not a logger frame, is empty, has no run
+            named `run`, or `color_range` is not two positive increasing numbers.
 
     Example:
 
     >>> fig = plot_gradient_heatmap(logger.to_dataframe())  # doctest: +SKIP
     """
     check_profile_kind(kind)
+    if color_range is not None and not (
+        len(color_range) == 2 and 0 < color_range[0] < color_range[1]
+    ):
+        raise ValueError(
+            "`color_range` must be two norms 0 < low < high. Received: "
+            f"color_range={color_range!r}"
+        )
     if "variable" not in frame or "step" not in frame:
         raise ValueError(
             "`frame` must be a GradientNormLogger frame (`to_dataframe()` or its "
@@ -65,7 +76,10 @@ def plot_gradient_heatmap(
     figure, ax = figure_and_axes(ax, (8.0, 0.6 + 0.22 * max(len(layers), 8)))
     values = np.where(np.isfinite(norms) & (norms > 0), norms, np.nan).T
     finite = values[np.isfinite(values)]
-    norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
+    if color_range is not None:
+        norm = LogNorm(*color_range)
+    else:
+        norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
     steps = records.steps
     extent = (float(steps[0]) - 0.5, float(steps[-1]) + 0.5, -0.5, len(layers) - 0.5)
     image = ax.imshow(
@@ -83,5 +97,7 @@ def plot_gradient_heatmap(
     ax.set_ylabel("layer (input at the bottom)")
     title = f"Gradient flow ({used} gradient norm)"
     ax.set_title(title + (f", run {run}" if len(runs) > 1 else ""))
-    figure.colorbar(image, ax=ax, label="gradient norm")
+    if not finite.size:
+        note_nothing_to_show(ax, "no finite, positive gradient norm to draw")
+    figure.colorbar(image, ax=ax, label=MEASURE_LABELS[used])
     return figure
