@@ -468,3 +468,16 @@ def test_a_second_fit_reuses_the_traced_step():
     first = seen.function
     _fit(model, [stopper, seen], x, y, epochs=1)
     assert seen.function is first
+
+
+def test_epochs_without_validation_under_validation_freq_are_waited_for():
+    # Keras's own class trains this (it warns at the epochs that do not validate).
+    x, y = _data()
+    stopper = kgrad.EarlyStopping(monitor="val_loss", patience=1)
+    with pytest.warns(UserWarning, match="no validation metrics"):
+        history = _model().fit(
+            x, y, validation_split=0.25, validation_freq=2, epochs=4, verbose=0,
+            callbacks=[stopper],
+        )
+    assert len(history.history["val_loss"]) >= 1
+    assert stopper.best == pytest.approx(min(history.history["val_loss"]))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -244,6 +246,7 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         self.stopped_batch = None
         self._stopped_nonfinite = False
         self._monitor_checked = False
+        self._validates_sometimes = _fit_validates_sometimes()
         self._vanishing_wait = 0
         self._epoch = 0
         self._initial_weights = None
@@ -286,6 +289,16 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self._stopped_nonfinite:
             return  # the weights are not finite: they must not become the best
+        if self._validates_sometimes and _validation_skipped(self.monitor, logs):
+            # `fit(validation_freq=k)` validates every k-th epoch only: as Keras's
+            # own class, wait for an epoch that has the validation metrics.
+            warnings.warn(
+                f"EarlyStopping: epoch {epoch + 1} has no validation metrics (with "
+                f"`validation_freq` > 1); `{self.monitor}` is judged at the epochs "
+                "that validate.",
+                stacklevel=2,
+            )
+            return
         current = self.get_monitor_value(logs)
         if self.check_finite and not _all_finite(current):
             self._stop_nonfinite(
@@ -485,3 +498,36 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
                 f"{self.vanishing_threshold:.3g} for {self._vanishing_wait} epochs "
                 f"({ratio:.3g} at epoch {epoch + 1})",
             )
+
+
+def _fit_validates_sometimes() -> bool:
+    """Whether the `fit()` that is starting validates, but not at every epoch
+    (`validation_freq` other than 1): then some epochs end without `val_*` logs.
+
+    Callbacks are not told `validation_freq`; it is read from the calling `fit`'s
+    arguments. Outside `fit` (hooks driven by hand) this is `False`.
+    """
+    frame = inspect.currentframe()
+    for _ in range(40):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return False
+        names = frame.f_locals
+        if frame.f_code.co_name == "fit" and "validation_freq" in names:
+            validates = names.get("validation_data") is not None or bool(
+                names.get("validation_split")
+            )
+            return validates and names.get("validation_freq") != 1
+    return False
+
+
+def _validation_skipped(monitor: str, logs: dict | None) -> bool:
+    """Whether `logs` are those of an epoch that did not validate, for a `val_*`
+    monitor: no `val_*` key at all, though earlier epochs (or later) may have them.
+
+    A `val_*` monitor absent from logs that do hold other validation metrics is a
+    wrong name, and still an error.
+    """
+    if not monitor.startswith("val_") or logs is None or monitor in logs:
+        return False
+    return not any(key.startswith("val_") for key in logs)
