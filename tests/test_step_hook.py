@@ -453,3 +453,20 @@ def test_a_vanishing_generator_is_news_after_a_vanishing_discriminator():
     assert not log.add(vanishing("d_optimizer", ["discriminator/d_out"]))
     assert log.add(vanishing("g_optimizer", ["generator/g_dense"]))
     assert not log.add(vanishing("g_optimizer", ["generator/g_out"]))
+
+
+def test_a_norm_of_1e21_is_recorded_finite_and_a_real_inf_at_its_step():
+    # loss = mean(x @ w): the kernel's gradient is the batch's mean input.
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=lambda y, p: keras.ops.mean(p))
+    x = np.full((3, 4), 1e21, np.float32)  # each squared entry overflows float32
+    x[2] = np.inf
+    logger = kgrad.GradientNormLogger()
+    model.fit(x, np.zeros((3, 1), np.float32), batch_size=1, shuffle=False, verbose=0,
+              callbacks=[logger])
+    norms = logger.to_dataframe().grad_norm.to_numpy()
+    np.testing.assert_allclose(norms[:2], 2e21, rtol=1e-5)  # ||(1e21,)*4|| = 2e21
+    assert np.isposinf(norms[2])
+    np.testing.assert_allclose(logger.records.global_norms[:2], 2e21, rtol=1e-5)

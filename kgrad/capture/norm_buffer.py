@@ -17,24 +17,24 @@ from kgrad import stats
 from kgrad.capture.step_hook import StepContext, StepHook
 from kgrad.capture.variables import TrackedVariable, track_variables
 
-# The half-square written for a tracked variable that got no gradient: no real
-# half-square is negative, so the host reads it back as NaN ("no gradient").
+# The norm written for a tracked variable that got no gradient: no real norm is
+# negative, so the host reads it back as NaN ("no gradient").
 _ABSENT = -1.0
 
 
-def _roots(halves: np.ndarray) -> np.ndarray:
-    """Norms from half-squares; `_ABSENT` becomes NaN, NaN and inf stay as they are."""
-    halves = halves.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.where(halves < 0, np.nan, np.sqrt(2.0 * np.maximum(halves, 0.0)))
+def _norms(values: np.ndarray) -> np.ndarray:
+    """Stored norms as float64; `_ABSENT` becomes NaN, NaN and inf stay as they are."""
+    values = values.astype(np.float64)
+    return np.where(values < 0, np.nan, values)
 
 
-def _global_roots(halves: np.ndarray) -> np.ndarray:
-    """Per row, the global norm of half-squares (`_ABSENT` entries left out)."""
-    halves = halves.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        present = np.where(halves < 0, 0.0, halves)
-    return np.sqrt(2.0 * present.sum(axis=1))
+def _global_norms(values: np.ndarray) -> np.ndarray:
+    """Per row, the global norm of stored norms (`_ABSENT` entries left out), summed
+    in float64: the squares of norms that float32 holds do not overflow there."""
+    values = values.astype(np.float64)
+    present = np.where(values < 0, 0.0, values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.sqrt(np.square(present).sum(axis=1))
 
 
 class NormBuffer:
@@ -93,29 +93,25 @@ class NormBuffer:
 
     # -- in the traced step ---------------------------------------------------------
 
-    def _halves(self, context: StepContext, values: list[Any]) -> tuple[Any, list[Any]]:
-        """The halved squared norms of the tracked `values`, and of all of them summed.
+    def _norms(self, context: StepContext, values: list[Any]) -> tuple[Any, tf.Tensor]:
+        """The norms of the tracked `values` as one vector, and the global norm of all.
 
-        Halved squares are what one `L2Loss` op yields per tensor; the square roots and
-        the global norm are taken on the host when the buffer is fetched, which keeps
-        the traced step to one reduction per tensor. A tracked variable with no gradient
-        gets `_ABSENT` (read back as NaN); the global half-sum is `None` when it follows
-        from the tracked halves on the host (every variable of the step tracked).
+        One reduction per tensor (`stats.safe_norms`: finite whenever float32 holds
+        the norm, with a second pass only in a step whose squares overflow); the
+        tracked ones are picked with one gather. A tracked variable with no gradient
+        gets `_ABSENT` (read back as NaN); the global norm is `None` when it follows
+        from the tracked norms on the host (every variable of the step tracked).
         """
-        halves = [
-            None if value is None else stats.half_square(value) for value in values
-        ]
+        present = [i for i, value in enumerate(values) if value is not None]
+        vector = stats.safe_norms([values[i] for i in present])
         position = {id(variable): i for i, variable in enumerate(context.variables)}
-        picks = [position.get(id(item.variable)) for item in self.tracked]
-        absent = tf.constant(_ABSENT)
-        tracked = [
-            absent if i is None or halves[i] is None else halves[i] for i in picks
-        ]
-        if picks == list(range(len(values))):
-            return None, tracked
-        present = [half for half in halves if half is not None]
-        total = tf.add_n(present) if present else tf.constant(0.0)
-        return total, tracked
+        slot = {index: k for k, index in enumerate(present)}
+        picks = [slot.get(position.get(id(item.variable)), len(present)) for item in self.tracked]
+        total = None
+        if picks != list(range(len(values))):
+            total = stats.global_norm(vector) if present else tf.constant(0.0)
+            vector = tf.gather(tf.concat([vector, [_ABSENT]], 0), picks)
+        return total, vector
 
     def _put(
         self, row: tf.Tensor, value: tf.Tensor, columns: Sequence[int] | None = None
@@ -144,8 +140,8 @@ class NormBuffer:
         row = tf.minimum(self.count.read_value(), self.capacity)
         return row if logged is None else tf.where(logged, row, self.capacity)
 
-    def _weight_halves(self) -> list[Any]:
-        return [stats.half_square(item.variable.value) for item in self.tracked]
+    def _weight_norms(self) -> tf.Tensor:
+        return stats.safe_norms([item.variable.value for item in self.tracked])
 
     def write(self, context: StepContext, always: bool = False) -> None:
         """Records the norms of `context` when its step is a logged one.
@@ -167,35 +163,36 @@ class NormBuffer:
         self.transformed = self.transformed or context.applied is not context.gradients
         width = len(self.tracked)
 
-        def gradient_values() -> tuple[list[Any], list[Any], list[Any]]:
-            total, grads = self._halves(context, context.gradients)
+        def gradient_values() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            total, grads = self._norms(context, context.gradients)
             if context.applied is context.gradients:
                 clipped_total, clipped = total, grads
             else:
-                clipped_total, clipped = self._halves(context, context.applied)
+                clipped_total, clipped = self._norms(context, context.applied)
             self.global_on_host = total is None
-            # Slots the host ignores repeat a computed value (one `Pack` of scalars).
-            filler = grads[0] if grads else tf.constant(0.0)
-            head = [
-                filler if total is None else total,
-                filler if clipped_total is None else clipped_total,
-            ]
+            # Slots the host ignores hold a zero.
+            zero = tf.constant(0.0)
+            head = tf.stack(
+                [
+                    zero if total is None else total,
+                    zero if clipped_total is None else clipped_total,
+                ]
+            )
             return head, grads, clipped
 
         if every_step:
             head, grads, clipped = gradient_values()
             # Without weight norms, the weight slots (ignored on the host) repeat the
             # gradients: nothing is read or computed for them.
-            weights = self._weight_halves() if self.weight_norms else grads
-            self._put(self._row(None), tf.stack(head + grads + weights + clipped))
+            weights = self._weight_norms() if self.weight_norms else grads
+            self._put(self._row(None), tf.concat([head, grads, weights, clipped], 0))
             self.count.assign_add(1)
         else:
             if self.weight_norms:  # first: it reads the row before the count moves
 
                 def record_weights() -> None:
                     columns = list(range(2 + width, 2 + 2 * width))
-                    values = tf.stack(self._weight_halves())
-                    self._put(self._row(logged), values, columns)
+                    self._put(self._row(logged), self._weight_norms(), columns)
 
                 self._hook.when(logged, record_weights)
 
@@ -204,7 +201,7 @@ class NormBuffer:
                 columns = list(range(2 + width)) + list(
                     range(2 + 2 * width, 2 + 3 * width)
                 )
-                self._put(self._row(logged), tf.stack(head + grads + clipped), columns)
+                self._put(self._row(logged), tf.concat([head, grads, clipped], 0), columns)
                 self.count.assign_add(tf.cast(logged, tf.int64))
 
             self._hook.when(logged, record_gradients)
@@ -265,20 +262,20 @@ class NormBuffer:
         grads = rows[:, 2 : 2 + width]
         clipped = rows[:, 2 + 2 * width :]
         if self.global_on_host:  # every variable of the step is tracked
-            global_norm, clipped_global = _global_roots(grads), _global_roots(clipped)
+            global_norm, clipped_global = _global_norms(grads), _global_norms(clipped)
         else:
-            global_norm, clipped_global = _roots(rows[:, 0]), _roots(rows[:, 1])
+            global_norm, clipped_global = _norms(rows[:, 0]), _norms(rows[:, 1])
         if self.weight_norms:
-            weight_norm = _roots(rows[:, 2 + width : 2 + 2 * width])
+            weight_norm = _norms(rows[:, 2 + width : 2 + 2 * width])
         else:
             weight_norm = np.full_like(grads, np.nan, dtype=np.float64)
         out = {
             "step": steps,
             "global_norm": global_norm,
             "clipped_global_norm": clipped_global if self.transformed else None,
-            "grad_norm": _roots(grads),
+            "grad_norm": _norms(grads),
             "weight_norm": weight_norm,
-            "clipped_grad_norm": _roots(clipped) if self.transformed else None,
+            "clipped_grad_norm": _norms(clipped) if self.transformed else None,
         }
         return out, count - kept
 
