@@ -2,8 +2,8 @@
 
 `kgrad --help` and `kgrad --version` import neither TensorFlow nor the plugins; a
 subcommand imports what it needs when it runs. TensorFlow's C++ log lines (`failed call
-to cuInit`, CPU-feature notes) are silenced unless `--verbose` is given or
-`TF_CPP_MIN_LOG_LEVEL` is set.
+to cuInit`, `Could not find cuda drivers`) are filtered out unless `--verbose` is
+given; an explicit `TF_CPP_MIN_LOG_LEVEL` is kept.
 
 Subcommands are registered in `SUBCOMMANDS`, one entry each: a help line, a function
 that adds the subcommand's arguments to its parser, and a function that runs it and
