@@ -7,15 +7,9 @@ import pytest
 import tensorflow as tf
 
 import kgrad
+from test_gradient_norm_logger import _data  # the shared test data
 
 BATCH = 16
-
-
-def _data(n=32, features=6, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, features)).astype("float32")
-    y = rng.normal(size=(n, 1)).astype("float32")
-    return x, y
 
 
 class SubclassedNet(keras.Model):
