@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import nbclient
 import nbformat
@@ -9,6 +10,11 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
+# TensorFlow's C++ log lines, which the first cell keeps out of the outputs: absl's note,
+# `I0000 00:00:1796.86 123 cudart_stub.cc:31] Could not find cuda drivers ...`, cuInit.
+TF_LOG_LINE = re.compile(
+    r"absl::InitializeLog|cuInit|^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ", re.M
+)
 
 
 def test_the_four_notebooks_are_there():
@@ -43,4 +49,12 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
         if output.output_type == "error"
     ]
     assert errors == []
+    tf_log = [
+        output.text
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream" and TF_LOG_LINE.search(output.text)
+    ]
+    assert tf_log == []
     assert sum(cell.cell_type == "code" for cell in notebook.cells) >= 5
