@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 
 # `safe_norm`'s second scale: 2**-64 keeps the squares of any finite float32 entry
@@ -120,6 +122,8 @@ def safe_norms(
     >>> safe_norms([tf.constant([3.0, 4.0]), tf.fill([100], 1e20)]).numpy().tolist()
     [5.0, 1.0000000200408773e+21]
     """
+    if keras.backend.backend() != "tensorflow":
+        return _safe_norms_ops(values)
     if not values:
         return tf.zeros((0,), tf.float32)
     dense = [_dense(value) for value in values]
@@ -129,6 +133,34 @@ def safe_norms(
         lambda: _SQRT2 * tf.sqrt(halves),
         lambda: tf.stack([safe_norm(value) for value in dense]),
     )
+
+
+def _safe_norms_ops(values: Sequence) -> object:
+    """`safe_norms` in `keras.ops`, for the backends other than TensorFlow.
+
+    One sum of squares per tensor (under JAX's jit, XLA fuses each into one pass over
+    the gradient), then one `ops.cond` for all: only in a step where some sum is not
+    finite are the norms taken again, each tensor divided by its largest magnitude.
+    (Not scaled by a constant power of two as on TensorFlow: XLA reassociates
+    `square(value * 2**-64)` into `square(value) * 2**-128`, which is `inf * 0`.)
+    """
+    if not values:
+        return ops.zeros((0,), "float32")
+    dense = [ops.cast(value, "float32") for value in values]
+    squares = ops.stack([ops.sum(ops.square(value)) for value in dense])
+
+    def rescaled(value: object) -> object:
+        largest = ops.max(ops.abs(value))
+        usable = ops.logical_and(largest > 0, ops.isfinite(largest))
+        scale = ops.where(usable, largest, ops.ones_like(largest))
+        norm = scale * ops.sqrt(ops.sum(ops.square(value / scale)))
+        return ops.where(ops.isinf(largest), largest, norm)
+
+    def scaled() -> object:
+        again = ops.stack([rescaled(value) for value in dense])
+        return ops.where(ops.isfinite(squares), ops.sqrt(squares), again)
+
+    return ops.cond(ops.all(ops.isfinite(squares)), lambda: ops.sqrt(squares), scaled)
 
 
 def tensor_norm_float64(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
@@ -184,6 +216,11 @@ def global_norm(per_tensor_norms: tf.Tensor) -> tf.Tensor:
     Returns:
         A float32 scalar tensor.
     """
+    if keras.backend.backend() != "tensorflow":
+        largest = ops.max(per_tensor_norms)
+        usable = ops.logical_and(largest > 0, ops.isfinite(largest))
+        scale = ops.where(usable, largest, ops.ones_like(largest))
+        return scale * ops.sqrt(ops.sum(ops.square(per_tensor_norms / scale)))
     largest = tf.reduce_max(per_tensor_norms)
     usable = tf.logical_and(largest > 0, tf.math.is_finite(largest))
     scale = tf.where(usable, largest, tf.ones_like(largest))

@@ -12,6 +12,8 @@ import kgrad
 from custom_models import FEATURES, Regressor, make_gan
 from kgrad.capture.step_hook import StepContext, StepHook
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 BATCH = 8
 
 
@@ -275,6 +277,7 @@ def test_deepcopy_before_and_after_fit_trains_and_resets():
     assert after.stop_reason is None  # per-run state was reset
 
 
+@pytest.mark.backends("tensorflow", reason="GradientClipping is not ported to JAX yet")
 def test_all_control_callbacks_compose_with_the_logger_and_keras_tuner(tmp_path):
     x, y = _data(n=64)
 
@@ -386,6 +389,7 @@ def _zero_row_discriminator():
     ], name="discriminator")
 
 
+@pytest.mark.backends("tensorflow", reason="the GAN's train_step is written for TensorFlow")
 def test_a_gan_stop_names_the_optimizer_whose_gradient_was_not_finite():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(4 * BATCH, FEATURES)).astype("float32")
@@ -422,6 +426,7 @@ class WeightsAfterFirstBatch(keras.callbacks.Callback):
             self.weights = self.model.get_weights()
 
 
+@pytest.mark.backends("tensorflow", reason="on JAX, Keras builds the model before its first step")
 @pytest.mark.parametrize("build", ["subclassed", "sequential_without_input"])
 def test_models_built_by_their_first_batch(build):
     def make():
@@ -446,6 +451,7 @@ def test_models_built_by_their_first_batch(build):
         np.testing.assert_array_equal(restored, expected)
 
 
+@pytest.mark.backends("tensorflow", reason="on JAX, Keras builds the model before its first step")
 def test_a_nan_in_the_first_batch_of_an_unbuilt_model_keeps_the_weights(capsys):
     model = keras.Sequential([keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(0.01), loss="mse")

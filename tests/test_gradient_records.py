@@ -6,6 +6,8 @@ import pytest
 
 from kgrad.records.gradient_records import COLUMNS, GradientRecords, VariableInfo
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 INFOS = [
     VariableInfo("dense", 0, "kernel", "kernel"),
     VariableInfo("dense", 0, "bias", "bias"),

@@ -10,6 +10,8 @@ import tensorflow as tf
 
 import kgrad
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 BATCH, STEPS_PER_EPOCH, TARGET = 8, 4, 0.1
 
 
@@ -43,7 +45,7 @@ class RateRecorder(keras.callbacks.Callback):
         self.used, self.logged = [], []
 
     def on_train_batch_begin(self, batch, logs=None):
-        self.used.append(float(self.model.optimizer.learning_rate.numpy()))
+        self.used.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
     def on_train_batch_end(self, batch, logs=None):
         self.logged.append(logs.get("learning_rate"))

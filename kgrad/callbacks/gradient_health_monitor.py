@@ -1,7 +1,6 @@
 """`GradientHealthMonitor`: the diagnosis detectors, run during `model.fit`."""
 
 from __future__ import annotations
-
 import time
 import warnings
 from collections.abc import Sequence
@@ -9,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
 from kgrad.capture.probe import check_probe_data
@@ -273,6 +273,7 @@ class GradientHealthMonitor(KgradCallback):
     # -- callback hooks ---------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        backend.require("GradientHealthMonitor")
         model = self.model
         check_trainable(model)
         self._notes = []

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.capture.norm_buffer import NormBuffer, OptimizerBuffers
 from kgrad.capture.probe import (
@@ -254,7 +255,10 @@ class GradientNormLogger(KgradCallback):
         self._checked = False
         self._probe_steps: list[int] = []
         self._last_probe_bucket = -1
+        if self.histogram_every_n_steps:
+            backend.require("GradientNormLogger(histogram_every_n_steps=...)")
         if self.probe_data is not None:
+            backend.require("GradientNormLogger(probe_data=...)")
             self._start_probe_mode(capacity)
             return
         hook = StepHook.attach(model)
@@ -269,7 +273,7 @@ class GradientNormLogger(KgradCallback):
                 self.histogram_every_n_steps,
                 self.weight_norms,
             )
-            if hook.strategy.num_replicas_in_sync > 1:
+            if hook.state_before_step:
                 buffers.prepare(tracked)
         buffers.reset()
         self._buffers = buffers
@@ -344,16 +348,20 @@ class GradientNormLogger(KgradCallback):
         hook = self._hook
         if hook is None:
             return
-        check_trainable(self.model)  # built now: its weights can be judged
+        # `hook.model`, not `self.model`: on JAX, `self.model` syncs the step's state,
+        # which the next step (already running when an async-safe batch hook runs)
+        # donates.
+        model = hook.model
+        check_trainable(model)  # built now: its weights can be judged
         if not hook.traced:
             raise RuntimeError(hook.unused_message(self._label, self._advice))
         if not any(self._buffers.buffers.get(name) for name in hook.traced_optimizers):
             raise ValueError(
                 f"GradientNormLogger found no gradient to record in model "
-                f"{self.model.name!r}: the optimizers its step calls "
+                f"{model.name!r}: the optimizers its step calls "
                 f"({', '.join(sorted(hook.traced_optimizers))}) update no variable of "
                 f"the layers {self.layers or 'of the model'}. Layers of this model: "
-                f"{', '.join(layer_names(self.model))}"
+                f"{', '.join(layer_names(model))}"
             )
 
     def _start_probe_mode(self, capacity: int) -> None:

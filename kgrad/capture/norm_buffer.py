@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from kgrad import stats
 from kgrad.capture.step_hook import StepContext, StepHook
@@ -56,6 +56,8 @@ class NormBuffer:
         histogram_every_n_steps: Also keep a copy of the gradients of tracked
             variables at these steps (for TensorBoard histograms). `None`: never.
         weight_norms: Also compute the weight norms (else NaN). Defaults to `True`.
+        optimizer: The name of the optimizer whose calls write the buffer (its state
+            on JAX). Defaults to `"optimizer"`.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class NormBuffer:
         every_n_steps: int,
         histogram_every_n_steps: int | None = None,
         weight_norms: bool = True,
+        optimizer: str = "optimizer",
     ):
         self.tracked = list(tracked)
         self.weight_norms = weight_norms
@@ -74,26 +77,30 @@ class NormBuffer:
         self.transformed = False
         self.global_on_host = True  # set when the step is traced
         width = 2 + 3 * len(self.tracked)
-        self.rows = hook.make_variable(
-            np.zeros((self.capacity + 1, width), np.float32), tf.float32, "kgrad_rows"
+        index = hook.backend.INDEX_DTYPE
+        self._index_dtype = index
+
+        def make(value: Any, dtype: str, name: str) -> Any:
+            return hook.make_variable(value, dtype, name, optimizer=optimizer)
+
+        self.rows = make(
+            np.zeros((self.capacity + 1, width), np.float32), "float32", "kgrad_rows"
         )
-        self.count = hook.make_variable(0, tf.int64, "kgrad_count")
+        self.count = make(0, index, "kgrad_count")
         self.histogram_every_n_steps = histogram_every_n_steps
-        self.snapshots: list[tf.Variable] = []
+        self.snapshots: list[Any] = []
         self.snapshot_step = None
         if histogram_every_n_steps:
             self.snapshots = [
-                hook.make_variable(
-                    np.zeros(item.variable.shape, np.float32), tf.float32, "kgrad_snap"
-                )
+                make(np.zeros(item.variable.shape, np.float32), "float32", "kgrad_snap")
                 for item in self.tracked
             ]
-            self.snapshot_step = hook.make_variable(-1, tf.int64, "kgrad_snap_step")
+            self.snapshot_step = make(-1, index, "kgrad_snap_step")
         self._hook = hook
 
     # -- in the traced step ---------------------------------------------------------
 
-    def _norms(self, context: StepContext, values: list[Any]) -> tuple[Any, tf.Tensor]:
+    def _norms(self, context: StepContext, values: list[Any]) -> tuple[Any, Any]:
         """The norms of the tracked `values` as one vector, and the global norm of all.
 
         One reduction per tensor (`stats.safe_norms`: finite whenever float32 holds
@@ -109,38 +116,26 @@ class NormBuffer:
         picks = [slot.get(position.get(id(item.variable)), len(present)) for item in self.tracked]
         total = None
         if picks != list(range(len(values))):
-            total = stats.global_norm(vector) if present else tf.constant(0.0)
-            vector = tf.gather(tf.concat([vector, [_ABSENT]], 0), picks)
+            total = stats.global_norm(vector) if present else ops.zeros((), "float32")
+            absent = ops.full((1,), _ABSENT, "float32")
+            vector = ops.take(ops.concatenate([vector, absent], 0), np.asarray(picks))
         return total, vector
 
-    def _put(
-        self, row: tf.Tensor, value: tf.Tensor, columns: Sequence[int] | None = None
-    ) -> None:
+    def _put(self, row: Any, value: Any, columns: Sequence[int] | None = None) -> None:
         """Writes `value` into `row` of the buffer: the whole row or `columns` of it."""
+        backend, strategy = self._hook.backend, self._hook.strategy
         if columns is None:
-            indices = tf.expand_dims(row, 0)
+            backend.write_row(strategy, self.rows, row, value)
         else:
-            count = len(columns)
-            cells = [tf.fill([count], row), tf.constant(columns, tf.int64)]
-            indices = tf.stack(cells, 1)
-        if self._hook.strategy.num_replicas_in_sync > 1:
-            # Mirrored variables have no scatter update: rewrite the (small) buffer.
-            indices = indices[:, None] if columns is None else indices
-            updates = tf.expand_dims(value, 0) if columns is None else value
-            self.rows.assign(tf.tensor_scatter_nd_update(self.rows, indices, updates))
-        elif columns is None:
-            update = tf.IndexedSlices(tf.expand_dims(value, 0), indices)
-            self.rows.scatter_update(update)
-        else:
-            self.rows.scatter_nd_update(indices, value)
+            backend.write_cells(strategy, self.rows, row, columns, value)
 
-    def _row(self, logged: tf.Tensor | None) -> tf.Tensor:
+    def _row(self, logged: Any | None) -> Any:
         """The row of this step: the next free one, or the scratch row when the step
         is not logged (or the buffer is full)."""
-        row = tf.minimum(self.count.read_value(), self.capacity)
-        return row if logged is None else tf.where(logged, row, self.capacity)
+        row = ops.minimum(self._hook.read(self.count), self.capacity)
+        return row if logged is None else ops.where(logged, row, self.capacity)
 
-    def _weight_norms(self) -> tf.Tensor:
+    def _weight_norms(self) -> Any:
         return stats.safe_norms([item.variable.value for item in self.tracked])
 
     def write(self, context: StepContext, always: bool = False) -> None:
@@ -157,13 +152,14 @@ class NormBuffer:
             context: The step's gradients and variables.
             always: Record whatever the step index (probe mode). Defaults to `False`.
         """
-        step = tf.cast(context.step, tf.int64)
+        hook = self._hook
+        step = ops.cast(context.step, self._index_dtype)
         every_step = always or self.every_n_steps == 1
-        logged = None if every_step else tf.equal(step % self.every_n_steps, 0)
+        logged = None if every_step else ops.equal(step % self.every_n_steps, 0)
         self.transformed = self.transformed or context.applied is not context.gradients
         width = len(self.tracked)
 
-        def gradient_values() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        def gradient_values() -> tuple[Any, Any, Any]:
             total, grads = self._norms(context, context.gradients)
             if context.applied is context.gradients:
                 clipped_total, clipped = total, grads
@@ -171,8 +167,8 @@ class NormBuffer:
                 clipped_total, clipped = self._norms(context, context.applied)
             self.global_on_host = total is None
             # Slots the host ignores hold a zero.
-            zero = tf.constant(0.0)
-            head = tf.stack(
+            zero = ops.zeros((), "float32")
+            head = ops.stack(
                 [
                     zero if total is None else total,
                     zero if clipped_total is None else clipped_total,
@@ -185,8 +181,8 @@ class NormBuffer:
             # Without weight norms, the weight slots (ignored on the host) repeat the
             # gradients: nothing is read or computed for them.
             weights = self._weight_norms() if self.weight_norms else grads
-            self._put(self._row(None), tf.concat([head, grads, weights, clipped], 0))
-            self.count.assign_add(1)
+            self._put(self._row(None), ops.concatenate([head, grads, weights, clipped], 0))
+            hook.increment(self.count, 1)
         else:
             if self.weight_norms:  # first: it reads the row before the count moves
 
@@ -194,20 +190,21 @@ class NormBuffer:
                     columns = list(range(2 + width, 2 + 2 * width))
                     self._put(self._row(logged), self._weight_norms(), columns)
 
-                self._hook.when(logged, record_weights)
+                hook.when(logged, record_weights)
 
             def record_gradients() -> None:
                 head, grads, clipped = gradient_values()
                 columns = list(range(2 + width)) + list(
                     range(2 + 2 * width, 2 + 3 * width)
                 )
-                self._put(self._row(logged), tf.concat([head, grads, clipped], 0), columns)
-                self.count.assign_add(tf.cast(logged, tf.int64))
+                values = ops.concatenate([head, grads, clipped], 0)
+                self._put(self._row(logged), values, columns)
+                hook.increment(self.count, ops.cast(logged, self._index_dtype))
 
-            self._hook.when(logged, record_gradients)
+            hook.when(logged, record_gradients)
 
         if self.snapshots:
-            snapshot = tf.equal(step % self.histogram_every_n_steps, 0)
+            snapshot = ops.equal(step % self.histogram_every_n_steps, 0)
 
             def keep() -> None:
                 position = {id(v): i for i, v in enumerate(context.variables)}
@@ -219,11 +216,12 @@ class NormBuffer:
                     )
                     if gradient is None:
                         continue
-                    dense = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
-                    target.assign(tf.where(snapshot, dense, target))
-                self.snapshot_step.assign(tf.where(snapshot, step, self.snapshot_step))
+                    dense = ops.cast(hook.backend.dense(gradient), "float32")
+                    target.assign(ops.where(snapshot, dense, hook.read(target)))
+                previous = hook.read(self.snapshot_step)
+                self.snapshot_step.assign(ops.where(snapshot, step, previous))
 
-            self._hook.when(snapshot, keep)
+            hook.when(snapshot, keep)
 
     # -- on the host ------------------------------------------------------------------
 
@@ -250,9 +248,9 @@ class NormBuffer:
             `weight_norm` and `clipped_grad_norm` arrays (the clipped ones `None` when
             no transform ran), and the number of logged steps that did not fit.
         """
-        count = int(self.count.numpy())
+        count = int(np.asarray(self.count.numpy()))
         kept = min(count, self.capacity)
-        rows = self.rows.numpy()[:kept]  # one read, no slicing op
+        rows = np.asarray(self.rows.numpy())[:kept]  # one read, no slicing op
         self.reset()
         if steps is None:
             start = first_step + (-first_step) % self.every_n_steps
@@ -283,9 +281,9 @@ class NormBuffer:
         """The latest kept gradient copy: its step (-1 if none) and arrays by name."""
         if not self.snapshots:
             return -1, {}
-        step = int(self.snapshot_step.numpy())
+        step = int(np.asarray(self.snapshot_step.numpy()))
         return step, {
-            f"{item.layer}/{item.name}": target.numpy()
+            f"{item.layer}/{item.name}": np.asarray(target.numpy())
             for item, target in zip(self.tracked, self.snapshots)
         }
 
@@ -337,12 +335,20 @@ class OptimizerBuffers:
         )
 
     def prepare(self, tracked: Sequence[TrackedVariable]) -> None:
-        """Makes every optimizer's buffer now, over all of `tracked`."""
-        for name in self.hook.optimizers:
-            if name not in self.buffers:
-                self.buffers[name] = NormBuffer(
-                    self.hook, tracked, self.capacity, *self.options
-                )
+        """Makes every optimizer's buffer now, over the variables of `tracked` that it
+        updates (all of them while it is not built)."""
+        for name, optimizer in self.hook.optimizers.items():
+            if name in self.buffers:
+                continue
+            mine = tracked
+            if optimizer.built and getattr(optimizer, "_trainable_variables", None):
+                updated = {id(v) for v in optimizer._trainable_variables}
+                mine = [item for item in tracked if id(item.variable) in updated]
+            self.buffers[name] = (
+                NormBuffer(self.hook, mine, self.capacity, *self.options, optimizer=name)
+                if mine
+                else None
+            )
 
     def write(self, context: StepContext) -> None:
         """The observer: records `context` in its optimizer's buffer (made if new)."""
@@ -357,7 +363,7 @@ class OptimizerBuffers:
                 if id(item.variable) in updated
             ]
             self.buffers[name] = (
-                NormBuffer(self.hook, tracked, self.capacity, *self.options)
+                NormBuffer(self.hook, tracked, self.capacity, *self.options, optimizer=name)
                 if tracked
                 else None
             )

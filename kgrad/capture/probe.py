@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kgrad import backend
+
 ProbeData = tuple[Any, ...]
 LossFunction = Callable[[keras.Model, Any], Any]
 
@@ -304,6 +306,7 @@ def probe_gradients(
     ...     return keras.ops.mean(keras.ops.square(model.decoder(z_mean) - batch))
     >>> loss, grads = probe_gradients(vae, x_batch, loss_fn=vae_loss)  # doctest: +SKIP
     """
+    backend.require("probe_gradients")
     with tf.GradientTape() as tape:
         if loss_fn is not None:
             loss = call_loss_fn(loss_fn, model, pack_batch(x, y, sample_weight))

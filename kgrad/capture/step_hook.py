@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
 
+from kgrad import backend as backends
 from kgrad.capture.optimizers import model_optimizers
 
 Gradients = list[Any]
@@ -80,22 +80,15 @@ class StepContext:
     variables: list[keras.Variable]
     gradients: Gradients
     applied: Gradients
-    step: tf.Tensor
-    strategy: tf.distribute.Strategy
+    step: Any
+    strategy: Any
     optimizer_name: str = "optimizer"
 
 
 def scale_gradient(gradient: Any, factor: Any) -> Any:
-    """Multiplies a dense gradient or `tf.IndexedSlices` by `factor`; `None` stays `None`."""
-    if gradient is None:
-        return None
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            gradient.values * tf.cast(factor, gradient.values.dtype),
-            gradient.indices,
-            gradient.dense_shape,
-        )
-    return gradient * tf.cast(factor, gradient.dtype)
+    """Multiplies a gradient (dense, or `tf.IndexedSlices` on TensorFlow) by `factor`;
+    `None` stays `None`."""
+    return backends.current().scale_gradient(gradient, factor)
 
 
 def model_is_built(model: keras.Model) -> bool:
@@ -134,10 +127,12 @@ class StepHook:
     state to `add`, so that a function traced with the old one is not reused.
 
     Args:
-        model: A compiled Keras model (TensorFlow backend), built or not.
+        model: A compiled Keras model, built or not (TensorFlow or JAX backend: see
+            `kgrad.backend`).
 
     Raises:
         ValueError: if the model holds no Keras optimizer (it is not compiled).
+        NotImplementedError: on a Keras backend that the hook does not support yet.
 
     Example:
 
@@ -153,11 +148,14 @@ class StepHook:
                 f"Model {model.name!r} is not compiled: call `model.compile(optimizer=..., "
                 "loss=...)` before training with kgrad callbacks."
             )
+        self.backend = backends.current()
         self.model = model
-        self.strategy = model.distribute_strategy
+        self.strategy = self.backend.strategy(model)
         self._participants: dict[int, _Participant] = {}
         self._wrapped: dict[str, tuple[keras.optimizers.Optimizer, Any]] = {}
-        self._steps: dict[str, tf.Variable] = {}
+        self._steps: dict[str, Any] = {}
+        # The state variables made for each optimizer (JAX tracks them as its state).
+        self._made: dict[str, list[Any]] = {}
         self._variants: dict[tuple, Any] = {}
         self._traced: dict[tuple, set[str]] = {}
         self._key: tuple = self._make_key()
@@ -188,17 +186,27 @@ class StepHook:
         """Whether the train function now in use called any hooked optimizer."""
         return bool(self._traced.get(self._key))
 
-    def step_variable(self, name: str = "optimizer") -> tf.Variable:
+    @property
+    def state_before_step(self) -> bool:
+        """Whether participants must make their state variables before the first step
+        (on JAX, whose step state is fixed when `fit` starts; under a strategy with
+        several replicas, where variables cannot be made in a replica context)."""
+        return self.backend.STATE_BEFORE_STEP or self.strategy.num_replicas_in_sync > 1
+
+    def step_variable(self, name: str = "optimizer") -> Any:
         """The counter of the calls of optimizer `name` (its training steps)."""
         if name not in self._steps:
             optimizer = self.optimizers[name]
             self._steps[name] = self.make_variable(
-                int(optimizer.iterations.numpy()), tf.int64, f"kgrad_step_{name}"
+                int(optimizer.iterations.numpy()),
+                self.backend.INDEX_DTYPE,
+                f"kgrad_step_{name}",
+                optimizer=name,
             )
         return self._steps[name]
 
     @property
-    def step(self) -> tf.Variable:
+    def step(self) -> Any:
         """The step counter of `model.optimizer`, or of the only optimizer used."""
         used = sorted(self.traced_optimizers)
         return self.step_variable(used[0] if len(used) == 1 else "optimizer")
@@ -270,35 +278,51 @@ class StepHook:
             self._uninstall()
         self._select_function()
 
-    def make_variable(self, initial_value: Any, dtype: Any, name: str) -> tf.Variable:
+    def make_variable(
+        self, initial_value: Any, dtype: Any, name: str, optimizer: str = "optimizer"
+    ) -> Any:
         """Creates a non-trainable state variable that the traced step may write.
 
-        Made eagerly even while a step is being traced (a model built by its first
-        batch gets its state there). Under a distribution strategy the variable is
-        mirrored and written from the first replica only (every replica holds the
-        same aggregated values).
-        """
-        with tf.init_scope(), self.strategy.scope():
-            return tf.Variable(
-                initial_value,
-                dtype=dtype,
-                trainable=False,
-                name=name,
-                synchronization=tf.VariableSynchronization.ON_WRITE,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
+        On TensorFlow a `tf.Variable`, made eagerly even while a step is being traced
+        (a model built by its first batch gets its state there); under a distribution
+        strategy it is mirrored and written from the first replica only (every replica
+        holds the same aggregated values). On JAX an optimizer variable of
+        `optimizer`, the one whose calls write it, made before the first step
+        (`state_before_step`) and tracked while the hook is installed.
 
-    def when(self, condition: tf.Tensor, function: Callable[[], None]) -> None:
+        Args:
+            initial_value: The initial value (its shape is the variable's).
+            dtype: The dtype (`"float32"`, `"int64"`, ...).
+            name: The variable's name.
+            optimizer: The name of the optimizer (see `model_optimizers`) in whose
+                calls the variable is written. Defaults to `"optimizer"`.
+        """
+        owner = self.optimizers.get(optimizer) or next(iter(self.optimizers.values()))
+        variable = self.backend.make_variable(
+            self.strategy, owner, initial_value, dtype, name
+        )
+        self._made.setdefault(optimizer, []).append(variable)
+        if optimizer not in self._wrapped:
+            self.backend.untrack(owner, [variable])
+        return variable
+
+    def read(self, variable: Any) -> Any:
+        """The value of a state variable inside the traced step."""
+        return self.backend.read(variable)
+
+    def increment(self, variable: Any, amount: Any = 1) -> None:
+        """Adds `amount` to a state variable inside the traced step."""
+        self.backend.increment(variable, amount)
+
+    def when(self, condition: Any, function: Callable[[], None]) -> None:
         """Runs `function` in the traced step only when `condition` holds.
 
         Writes to mirrored variables cannot sit inside a `tf.cond` in a replica
-        context, so with several replicas `function` always runs; callers then make
-        their writes harmless (for example to a scratch row).
+        context, and writes inside a traced JAX branch would leak from its stateless
+        scope: there `function` always runs, and callers make their writes harmless
+        (for example to a scratch row).
         """
-        if self.strategy.num_replicas_in_sync > 1:
-            function()
-            return
-        tf.cond(condition, lambda: (function(), tf.constant(True))[1], lambda: False)
+        self.backend.when(self.strategy, condition, function)
 
     # -- installation -------------------------------------------------------------
 
@@ -330,8 +354,7 @@ class StepHook:
         self._key = self._make_key()
         function = self._variants.get(self._key)
         if function is None and current is not None:
-            model.make_train_function(force=True)
-            function = self._variants[self._key] = model.train_function
+            function = self._variants[self._key] = self.backend.new_train_function(model)
             self._traced[self._key] = set()
         if function is not None:
             model.train_function = function
@@ -347,12 +370,14 @@ class StepHook:
 
             optimizer.apply = apply
             self._wrapped[name] = (optimizer, original)
+            self.backend.track(optimizer, self._made.get(name, []))
 
     def _uninstall(self) -> None:
-        for optimizer, _ in self._wrapped.values():
+        for name, (optimizer, _) in self._wrapped.items():
             # The instance attribute shadows the class method; deleting it restores it.
             if "apply" in vars(optimizer):
                 del optimizer.apply
+            self.backend.untrack(optimizer, self._made.get(name, []))
         self._wrapped = {}
 
     # -- the traced step -----------------------------------------------------------
@@ -386,24 +411,14 @@ class StepHook:
         unscaled = grads if scale is None else [scale_gradient(g, 1.0 / scale) for g in grads]
 
         replicas = self.strategy.num_replicas_in_sync
-        replica_context = tf.distribute.get_replica_context()
-        if replicas > 1 and replica_context is not None:
-            present = [i for i, g in enumerate(unscaled) if g is not None]
-            reduced = replica_context.all_reduce(
-                tf.distribute.ReduceOp.SUM, [unscaled[i] for i in present]
-            )
-            aggregated = list(unscaled)
-            for i, value in zip(present, reduced):
-                aggregated[i] = value
-        else:
-            aggregated = unscaled
+        aggregated = self.backend.aggregate(self.strategy, unscaled)
 
         step_variable = self._steps[name]
         context = StepContext(
             variables=variables,
             gradients=aggregated,
             applied=aggregated,
-            step=step_variable.read_value(),
+            step=self.backend.read(step_variable),
             strategy=self.strategy,
             optimizer_name=name,
         )
@@ -426,5 +441,5 @@ class StepHook:
                 factor = share if scale is None else scale * share
                 grads = [scale_gradient(g, factor) for g in transformed]
         result = original(grads, trainable_variables)
-        step_variable.assign_add(1)
+        self.backend.increment(step_variable, 1)
         return result

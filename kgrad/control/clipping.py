@@ -1,7 +1,6 @@
 """`GradientClipping`: clip the real gradients inside the training step."""
 
 from __future__ import annotations
-
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.capture.optimizers import (
     check_optimizer_names,
@@ -225,6 +225,7 @@ class GradientClipping(KgradCallback):
     # -- callback hooks ----------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        backend.require("GradientClipping")
         model = self.model
         check_trainable(model)
         self._selected = list(select_optimizers(model, self.optimizers))

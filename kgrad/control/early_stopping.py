@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from kgrad.callbacks.base import KgradCallback, check_positive_int
 from kgrad.capture.optimizers import model_optimizers
@@ -19,18 +19,23 @@ from kgrad.capture.step_hook import StepContext, StepHook
 from kgrad.control.arguments import check_number
 
 
-def gradients_finite(gradients: Sequence[Any]) -> tf.Tensor:
+def gradients_finite(gradients: Sequence[Any]) -> Any:
     """Whether every entry of every gradient is finite (a scalar bool tensor).
 
-    `None` gradients are skipped; sparse gradients are checked on their values.
+    `None` gradients are skipped; sparse gradients (`tf.IndexedSlices`) are checked
+    on their values.
     """
-    checks = [tf.constant(True)]
-    for gradient in gradients:
-        if gradient is None:
-            continue
-        values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
-        checks.append(tf.reduce_all(tf.math.is_finite(values)))
-    return tf.reduce_all(tf.stack(checks))
+    checks = [ops.all(ops.isfinite(_values(g))) for g in gradients if g is not None]
+    if not checks:
+        return ops.convert_to_tensor(True)
+    return ops.all(ops.stack(checks))
+
+
+def _values(gradient: Any) -> Any:
+    """The entries of a gradient: a dense tensor, or the values of sparse slices."""
+    if type(gradient).__name__ == "IndexedSlices":
+        return gradient.values
+    return gradient
 
 
 def _all_finite(value: Any) -> bool:
@@ -57,14 +62,12 @@ def _written_by_callbacks(key: str) -> bool:
 
 @dataclasses.dataclass(eq=False)
 class _FiniteFlags:
-    """Per optimizer, how many steps had a non-finite gradient (a step variable)."""
+    """Per optimizer, how many steps had a non-finite gradient (a state variable of
+    the step each, written in that optimizer's calls)."""
 
     hook: StepHook
     names: list[str]
-    counts: tf.Variable
-
-    def index(self, name: str) -> int | None:
-        return self.names.index(name) if name in self.names else None
+    counts: dict[str, Any]
 
 
 # Where the first-to-last ratio comes from, best first: the diagnosis detectors'
@@ -398,12 +401,16 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         hook = StepHook.attach(self.model)
         flags = self._flags
         if flags is None or flags.hook is not hook or flags.names != checked:
-            counts = hook.make_variable(
-                np.zeros(len(checked), np.int64), tf.int64, "kgrad_nonfinite_steps"
-            )
+            counts = {
+                name: hook.make_variable(
+                    0, hook.backend.INDEX_DTYPE, "kgrad_nonfinite_steps", optimizer=name
+                )
+                for name in checked
+            }
             flags = _FiniteFlags(hook, checked, counts)
         else:
-            flags.counts.assign(tf.zeros_like(flags.counts))
+            for count in flags.counts.values():
+                count.assign(0)
         self._flags = flags
         self._name_optimizers = len(optimizers) > 1
         self._hook = hook
@@ -421,22 +428,23 @@ class EarlyStopping(keras.callbacks.EarlyStopping, KgradCallback):
         raise ValueError(message)
 
     def _observe(self, context: StepContext) -> None:
-        flags = self._flags
-        index = flags.index(getattr(context, "optimizer_name", "optimizer"))
-        if index is None:
+        count = self._flags.counts.get(getattr(context, "optimizer_name", "optimizer"))
+        if count is None:
             return
-        bad = tf.logical_not(gradients_finite(context.gradients))
-        flags.counts.assign_add(
-            tf.one_hot(index, len(flags.names), dtype=tf.int64) * tf.cast(bad, tf.int64)
-        )
+        bad = ops.logical_not(gradients_finite(context.gradients))
+        self._hook.increment(count, ops.cast(bad, self._hook.backend.INDEX_DTYPE))
 
     def _nonfinite_optimizers(self) -> list[str] | None:
         """`None` when every gradient so far was finite, else the optimizers whose
         gradients were not (named only when the model holds several)."""
         if self._hook is None:
             return None
-        counts = self._flags.counts.numpy()
-        if not counts.any():
+        hook = self._hook
+        counts = [
+            int(hook.backend.host_value(hook.model, self._flags.counts[name]))
+            for name in self._flags.names
+        ]
+        if not any(counts):
             return None
         if not self._name_optimizers:
             return []

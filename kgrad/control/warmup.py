@@ -5,9 +5,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+from typing import Any
+
 import keras
 import numpy as np
 
+from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int
 from kgrad.capture.optimizers import (
     check_optimizer_names,
@@ -22,12 +25,24 @@ from kgrad.control.warmup_schedule import (
 )
 
 
-def _current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+def _host_value(model: keras.Model | None, variable: Any) -> Any:
+    """A variable's current value between steps (on JAX, from the step's state)."""
+    if model is not None and isinstance(variable, keras.Variable):
+        return backend.current().host_value(model, variable)
+    return keras.ops.convert_to_numpy(variable)
 
 
-def _iterations(optimizer: keras.optimizers.Optimizer) -> int:
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+def _current_learning_rate(
+    optimizer: keras.optimizers.Optimizer, model: keras.Model | None = None
+) -> float:
+    rate = getattr(optimizer, "_learning_rate", None)
+    if not isinstance(rate, keras.Variable):
+        rate = optimizer.learning_rate
+    return float(_host_value(model, rate))
+
+
+def _iterations(optimizer: keras.optimizers.Optimizer, model: keras.Model | None = None) -> int:
+    return int(_host_value(model, optimizer.iterations))
 
 
 def _schedule_of(optimizer: keras.optimizers.Optimizer) -> object | None:
@@ -263,6 +278,9 @@ class LearningRateWarmup(KgradCallback):
         if self._handed_over:
             return
         step = self._epoch_first_step + batch
+        # `self.model`: on JAX it writes the step's state back into the variables,
+        # so that the next step takes the rates set here (a no-op elsewhere).
+        self.model  # noqa: B018
         if step < self._total_steps:
             for name, optimizer in self._warmed.items():
                 self._last_set[name] = self.learning_rate_at(step, name)
@@ -282,7 +300,7 @@ class LearningRateWarmup(KgradCallback):
             logs[log_key(name)] = (
                 self.learning_rate_at(step, name)
                 if step < self._total_steps
-                else _current_learning_rate(optimizer)
+                else _current_learning_rate(optimizer, self._model)
             )
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -317,7 +335,7 @@ class LearningRateWarmup(KgradCallback):
         used = [
             name
             for name, (optimizer, start) in self._iterations_at_start.items()
-            if _iterations(optimizer) != start
+            if _iterations(optimizer, self._model) != start
         ]
         used_schedules = {
             name: self._schedules[name] for name in used if name in self._schedules

@@ -11,6 +11,7 @@ import pandas as pd
 import tensorflow as tf
 
 from kgrad import stats
+from kgrad import backend
 from kgrad.callbacks.base import check_positive_int
 from kgrad.capture.probe import (
     LossFunction,
@@ -309,6 +310,7 @@ def diagnose(
     ...     return keras.ops.mean(keras.ops.square(vae.decoder(z_mean) - batch))
     >>> report = kgrad.diagnose(vae, x_train[:512], loss_fn=vae_loss)  # doctest: +SKIP
     """
+    backend.require("diagnose")
     _check_arguments(model, x, loss, loss_fn, batch_size, training, seed)
     examples = _count(x, "x")
     if examples == 0:
