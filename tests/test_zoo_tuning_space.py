@@ -11,6 +11,8 @@ import pytest
 import zoo
 from zoo.tuning.search_space import DEFAULT
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 hp_types = keras_tuner.engine.hyperparameters
 
 
