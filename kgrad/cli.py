@@ -468,7 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kgrad {__version__}")
         return 0
     quiet_tensorflow(argv)
-    if command is not None and "--help" not in argv and "-h" not in argv:
+    helping = "--help" in argv or "-h" in argv
+    # A plugin command (`demo`) is imported to build its parser, `--help` included,
+    # and its module imports Keras and TensorFlow: quietly, then, as for a run.
+    if command is not None and (not helping or command not in SUBCOMMANDS):
         if "--verbose" not in argv and "-v" not in argv:
             import_tensorflow_quietly()
     parser = build_parser(command)

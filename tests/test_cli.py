@@ -190,6 +190,22 @@ def test_a_new_subcommand_is_one_table_entry(monkeypatch, capsys):
     assert capsys.readouterr().out == "hello kgrad\n"
 
 
+def test_a_plugin_commands_help_is_quiet():
+    """`kgrad demo --help` imports the demo (and TensorFlow) to build its parser."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kgrad", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: kgrad demo" in result.stdout
+    assert not re.search(r"^[IWEF]\d{4} |absl::InitializeLog", result.stderr, re.M), (
+        result.stderr[-2000:]
+    )
+
+
 def test_python_dash_m_kgrad_is_quiet_unless_verbose(saved_model, tmp_path):
     result = subprocess.run(
         [
