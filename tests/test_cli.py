@@ -190,46 +190,34 @@ def test_a_new_subcommand_is_one_table_entry(monkeypatch, capsys):
     assert capsys.readouterr().out == "hello kgrad\n"
 
 
-def test_a_plugin_commands_help_is_quiet():
-    """`kgrad demo --help` imports the demo (and TensorFlow) to build its parser."""
+def _run_without_tf_log_level(*args):
+    """`python -m kgrad ARGS` with TensorFlow's log level unset; asserts it succeeded
+    and wrote no TensorFlow C++ log line; returns its stdout."""
     result = subprocess.run(
-        [sys.executable, "-m", "kgrad", "demo", "--help"],
+        [sys.executable, "-m", "kgrad", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "usage: kgrad demo" in result.stdout
     assert not re.search(r"^[IWEF]\d{4} |absl::InitializeLog", result.stderr, re.M), (
         result.stderr[-2000:]
     )
+    return result.stdout
+
+
+def test_a_plugin_commands_help_is_quiet():
+    """`kgrad demo --help` imports the demo (and TensorFlow) to build its parser."""
+    assert "usage: kgrad demo" in _run_without_tf_log_level("demo", "--help")
 
 
 def test_python_dash_m_kgrad_is_quiet_unless_verbose(saved_model, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kgrad",
-            "diagnose",
-            saved_model,
-            "--out",
-            str(tmp_path),
-            "--samples",
-            "64",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    out = _run_without_tf_log_level(
+        "diagnose", saved_model, "--out", str(tmp_path), "--samples", "64"
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "kgrad gradient-health report" in result.stdout
+    assert "kgrad gradient-health report" in out
     assert (tmp_path / "gradient_profile.png").exists()
-    assert not re.search(r"^[IWEF]\d{4} |absl::InitializeLog", result.stderr, re.M), (
-        result.stderr[-2000:]
-    )
 
 
 def test_tensorflow_log_lines_are_recognised():
