@@ -23,6 +23,8 @@ INDEX_DTYPE = "int32"  # JAX without x64 has no int64
 # JAX's step state is fixed when `fit` takes it at the first batch: the hook's
 # variables must exist by `on_train_begin`.
 STATE_BEFORE_STEP = True
+# Whether the traced step may write state variables inside a branch (`when`).
+BRANCH_WRITES = False
 
 
 class SingleDevice:

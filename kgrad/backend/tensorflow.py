@@ -14,6 +14,8 @@ INDEX_DTYPE = "int64"
 # Whether the step hook's state must exist before the first step (JAX's returned
 # state is fixed then); TensorFlow makes it inside the first step's trace.
 STATE_BEFORE_STEP = False
+# Whether the traced step may write state variables inside a branch (`when`).
+BRANCH_WRITES = True
 
 
 def strategy(model: keras.Model) -> tf.distribute.Strategy:

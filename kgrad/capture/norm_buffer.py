@@ -183,6 +183,18 @@ class NormBuffer:
             weights = self._weight_norms() if self.weight_norms else grads
             self._put(self._row(None), ops.concatenate([head, grads, weights, clipped], 0))
             hook.increment(self.count, 1)
+        elif not hook.backend.BRANCH_WRITES:
+            # JAX: a traced branch may compute but not write (its writes would leak
+            # from the stateless scope). The norms are computed on logged steps only,
+            # in one pure branch; the write goes to the scratch row on the others.
+            def row_values() -> Any:
+                head, grads, clipped = gradient_values()
+                weights = self._weight_norms() if self.weight_norms else grads
+                return ops.concatenate([head, grads, weights, clipped], 0)
+
+            skipped = lambda: ops.zeros((2 + 3 * width,), "float32")  # noqa: E731
+            self._put(self._row(logged), ops.cond(logged, row_values, skipped))
+            hook.increment(self.count, ops.cast(logged, self._index_dtype))
         else:
             if self.weight_norms:  # first: it reads the row before the count moves
 
