@@ -273,7 +273,11 @@ class GradientNormLogger(KgradCallback):
                 self.histogram_every_n_steps,
                 self.weight_norms,
             )
-            if hook.state_before_step:
+            # Made now when they can be: a TensorFlow step that makes variables in
+            # its first trace is traced twice. A model built by its first batch has
+            # no variables yet; with several optimizers, which variables each one
+            # updates is known once they are built (in the step).
+            if hook.state_before_step or (built and len(hook.optimizers) == 1):
                 buffers.prepare(tracked)
         buffers.reset()
         self._buffers = buffers
