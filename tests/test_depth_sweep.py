@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 import zoo  # noqa: E402
 from zoo.depth_sweep import COLUMNS  # noqa: E402
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 
 def test_plain_sigmoid_loses_accuracy_with_depth_while_residual_and_batchnorm_do_not(capsys):
     # Settings checked over seeds 1-3 (Adam 1e-2, 3 epochs, width 32): training accuracy

@@ -11,6 +11,8 @@ from test_zoo_builders import param_counts
 import zoo
 from zoo import registry
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 REQUIRED = [
     "mlp_plain",
     "mlp_residual",
@@ -35,7 +37,7 @@ def test_registered_model_shape_forward_pass_and_param_count(name):
 
     assert model.name == name
     assert model.output_shape == (None, spec.default_args["num_classes"])
-    outputs = model(_example_batch(model)).numpy()
+    outputs = keras.ops.convert_to_numpy(model(_example_batch(model)))
     assert np.all(np.isfinite(outputs))
     np.testing.assert_allclose(outputs.sum(axis=1), 1.0, rtol=1e-5)  # softmax head
     assert param_counts(model) == expected_param_counts(spec.builder, spec.args())

