@@ -113,7 +113,12 @@ def test_hyperband_varies_batch_size_and_records_its_own_hyperparameters(digits,
     _check_batch_sizes_were_used(frame)
 
 
-@pytest.mark.backends("tensorflow", reason="on JAX the diverging trials are not flagged yet (diverged 0.0): a known gap")
+@pytest.mark.backends(
+    "tensorflow",
+    reason="its premise is TensorFlow's numerics: on JAX, SGD at 1e12 leaves these ReLU "
+    "nets' losses finite (14.3 and 14.5 in two epochs of a depth-1 net, against NaN on "
+    "TensorFlow), so no trial diverges",
+)
 def test_diverging_trials_are_scored_worst_and_do_not_abort_the_search(digits, tmp_path):
     # SGD at 1e12 drives ReLU nets to NaN in the first epoch; sigmoid ones stay finite.
     hypermodel = zoo.HyperMLP((64,), 10, depth=[1, 2], width=8, block="plain",
