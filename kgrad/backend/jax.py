@@ -142,6 +142,11 @@ def write_cells(
     write_row(strategy, rows, row, updated)
 
 
+def entries(gradient: Any) -> Any:
+    """The entries of a gradient (JAX's are dense)."""
+    return gradient
+
+
 def dense(value: Any) -> Any:
     return value
 
@@ -158,7 +163,23 @@ def host_value(model: keras.Model, variable: keras.Variable) -> np.ndarray:
     state = getattr(model, "_jax_state", None)
     optimizer = getattr(model, "optimizer", None)
     if state and optimizer is not None and not getattr(model, "_jax_state_synced", True):
-        for reference, value in zip(optimizer.variables, state["optimizer_variables"]):
-            if reference is variable:
-                return np.asarray(value)
+        position = _position(optimizer, variable)
+        if position is not None:
+            return np.asarray(state["optimizer_variables"][position])
     return np.asarray(variable.numpy())
+
+
+# Where each state variable sits in its optimizer's variables (checked at each use):
+# `host_value` runs once per step, and the variables do not move during a `fit`.
+_POSITIONS: dict[int, int] = {}
+
+
+def _position(optimizer: keras.optimizers.Optimizer, variable: keras.Variable) -> int | None:
+    tracked = _tracked(optimizer)
+    position = _POSITIONS.get(id(variable))
+    if position is None or position >= len(tracked) or tracked[position] is not variable:
+        position = next((i for i, v in enumerate(tracked) if v is variable), None)
+        if position is None:
+            return None
+        _POSITIONS[id(variable)] = position
+    return position

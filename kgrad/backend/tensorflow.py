@@ -143,6 +143,18 @@ def write_cells(
     rows.scatter_nd_update(indices, value)
 
 
+def compiled_step(function: Callable[[Any], None]) -> Callable[[int], None]:
+    """`function(step)` compiled once (`tf.function`), called with a Python step
+    index (passed as an int64 tensor, so that each step does not trace anew)."""
+    compiled = tf.function(function)
+    return lambda step: compiled(tf.constant(step, tf.int64))
+
+
+def entries(gradient: Any) -> Any:
+    """The entries of a gradient: a dense tensor, or the values of `tf.IndexedSlices`."""
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
 def dense(value: Any) -> Any:
     """A dense tensor of a gradient (`tf.IndexedSlices` made dense)."""
     if isinstance(value, tf.IndexedSlices):

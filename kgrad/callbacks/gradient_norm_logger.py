@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
@@ -301,7 +300,7 @@ class GradientNormLogger(KgradCallback):
         bucket = step // self.every_n_steps
         if bucket > self._last_probe_bucket:
             self._last_probe_bucket = bucket
-            self._probe_function(tf.constant(step, tf.int64))
+            self._probe_function(step)
             self._probe_steps.append(step)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -396,7 +395,6 @@ class GradientNormLogger(KgradCallback):
         buffer = probe.buffer
         loss_fn = self.loss_fn
 
-        @tf.function
         def probe_step(step):
             _, gradients = probe_gradients(
                 model, x, y, sample_weight, training, loss_fn=loss_fn
@@ -411,7 +409,7 @@ class GradientNormLogger(KgradCallback):
             context.applied = context.gradients
             buffer.write(context, always=True)
 
-        return probe_step
+        return hook.backend.compiled_step(probe_step)
 
     def _fetch(self) -> dict[str, tuple[dict[str, np.ndarray], int, NormBuffer]]:
         """The rows logged since the last fetch, by optimizer."""

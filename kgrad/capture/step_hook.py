@@ -408,7 +408,8 @@ class StepHook:
                 optimizer.build(variables)
             optimizer.built = True
         scale = self._loss_scale(optimizer)
-        unscaled = grads if scale is None else [scale_gradient(g, 1.0 / scale) for g in grads]
+        scaled = self.backend.scale_gradient
+        unscaled = grads if scale is None else [scaled(g, 1.0 / scale) for g in grads]
 
         replicas = self.strategy.num_replicas_in_sync
         aggregated = self.backend.aggregate(self.strategy, unscaled)
@@ -439,7 +440,7 @@ class StepHook:
             else:
                 share = 1.0 / replicas if replicas > 1 else 1.0
                 factor = share if scale is None else scale * share
-                grads = [scale_gradient(g, factor) for g in transformed]
+                grads = [scaled(g, factor) for g in transformed]
         result = original(grads, trainable_variables)
         self.backend.increment(step_variable, 1)
         return result

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int
 from kgrad.capture.optimizers import model_optimizers
 from kgrad.capture.step_hook import StepContext, StepHook
@@ -25,17 +26,11 @@ def gradients_finite(gradients: Sequence[Any]) -> Any:
     `None` gradients are skipped; sparse gradients (`tf.IndexedSlices`) are checked
     on their values.
     """
-    checks = [ops.all(ops.isfinite(_values(g))) for g in gradients if g is not None]
+    entries = backend.current().entries
+    checks = [ops.all(ops.isfinite(entries(g))) for g in gradients if g is not None]
     if not checks:
         return ops.convert_to_tensor(True)
     return ops.all(ops.stack(checks))
-
-
-def _values(gradient: Any) -> Any:
-    """The entries of a gradient: a dense tensor, or the values of sparse slices."""
-    if type(gradient).__name__ == "IndexedSlices":
-        return gradient.values
-    return gradient
 
 
 def _all_finite(value: Any) -> bool:
