@@ -8,107 +8,99 @@ run inside the compiled train step on the device, and host-side functions over N
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
-
-# `safe_norm`'s second scale: 2**-64 keeps the squares of any finite float32 entry
-# finite (|x| * 2**-64 <= 1.8e19), and every entry that it sends below float32's
-# normal range (|x| < 2) weighs less than 1e-38 of a sum that overflowed unscaled.
-_DOWN, _UP = 2.0**-64, 2.0**64
-_SQRT2 = float(np.sqrt(2.0))
+from kgrad import backend as backends
 
 
-def _dense(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
-    """`value` as a dense float32 tensor (the rows of `tf.IndexedSlices` summed)."""
-    if isinstance(value, tf.IndexedSlices):
-        unique, positions = tf.unique(value.indices)
-        value = tf.math.unsorted_segment_sum(
-            value.values, positions, tf.shape(unique)[0]
-        )
-    return tf.cast(value, tf.float32)
+def _fast(name: str) -> Any:
+    """The backend module's own version of a reduction, where it has a faster one
+    (TensorFlow's `tf.nn.l2_loss` and sparse `tf.IndexedSlices`), else `None`."""
+    return getattr(backends.current(), name, None)
 
 
-def tensor_norm(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+def _dense(value: Any) -> Any:
+    return ops.cast(backends.current().dense(value), "float32")
+
+
+def tensor_norm(value: Any) -> Any:
     """The L2 norm of a dense or sparse tensor, in float32.
 
-    Sparse gradients (`tf.IndexedSlices`, produced by `Embedding` layers) may name the
-    same row several times; the rows are summed first, as the optimizer would.
+    Sparse gradients (`tf.IndexedSlices`, produced by `Embedding` layers on
+    TensorFlow) may name the same row several times; the rows are summed first, as
+    the optimizer would.
 
     Args:
-        value: A tensor or `tf.IndexedSlices`.
+        value: A tensor (or `tf.IndexedSlices` on TensorFlow).
 
     Returns:
         A float32 scalar tensor; NaN or inf when `value` holds such entries.
     """
-    value = _dense(value)
-    return tf.sqrt(tf.reduce_sum(tf.square(value)))
+    fast = _fast("tensor_norm")
+    if fast is not None:
+        return fast(value)
+    return ops.sqrt(ops.sum(ops.square(_dense(value))))
 
 
-def half_square(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+def half_square(value: Any) -> Any:
     """Half the squared L2 norm of a dense or sparse tensor, as a float32 scalar.
 
-    One op (`tf.nn.l2_loss`) for a dense tensor, where a norm takes three: the
-    norms are kept as half-squares and their square roots taken later, once for all.
+    One op on TensorFlow (`tf.nn.l2_loss`) for a dense tensor, where a norm takes
+    three: the norms are kept as half-squares and their square roots taken later,
+    once for all.
 
     Args:
-        value: A tensor or `tf.IndexedSlices`.
+        value: A tensor (or `tf.IndexedSlices` on TensorFlow).
 
     Returns:
         A float32 scalar tensor.
     """
-    if isinstance(value, tf.IndexedSlices):
-        return 0.5 * tf.square(tensor_norm(value))
-    return tf.nn.l2_loss(tf.cast(value, tf.float32))
+    fast = _fast("half_square")
+    if fast is not None:
+        return fast(value)
+    return 0.5 * ops.sum(ops.square(_dense(value)))
 
 
-def safe_norm(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+def safe_norm(value: Any) -> Any:
     """The L2 norm of a tensor, finite whenever float32 can represent it.
 
     A float32 sum of squares overflows once the norm passes ~1.8e19, long before the
-    norm itself (up to ~3.4e38) does. This takes two half-squares, of the tensor and of
-    the tensor scaled by 2**-64, and keeps the scaled one only where the plain one is
-    not finite: no branch, and both reductions read the same input. The result is
-    `inf` or NaN only when the tensor holds such entries, or when its norm exceeds
-    float32's range.
+    norm itself (up to ~3.4e38) does. The result is `inf` or NaN only when the tensor
+    holds such entries, or when its norm exceeds float32's range. On TensorFlow two
+    half-squares are taken, of the tensor and of the tensor scaled by 2**-64, with no
+    branch; elsewhere it is `safe_norms` of the one tensor.
 
     Args:
-        value: A tensor or `tf.IndexedSlices`.
+        value: A tensor (or `tf.IndexedSlices` on TensorFlow).
 
     Returns:
         A float32 scalar tensor.
 
     Example:
 
-    >>> float(safe_norm(tf.fill([100], 1e20)))  # the squares overflow float32
+    >>> float(safe_norm(keras.ops.full([100], 1e20)))  # the squares overflow float32
     1.0000000200408773e+21
     """
-    value = _dense(value)
-    plain = tf.nn.l2_loss(value)
-    scaled = tf.nn.l2_loss(value * _DOWN)
-    return tf.where(
-        tf.math.is_finite(plain),
-        _SQRT2 * tf.sqrt(plain),
-        (_SQRT2 * _UP) * tf.sqrt(scaled),
-    )
+    fast = _fast("safe_norm")
+    if fast is not None:
+        return fast(value)
+    return safe_norms([value])[0]
 
 
-def safe_norms(
-    values: Sequence[tf.Tensor | tf.IndexedSlices], *, jit_compile: bool = False
-) -> tf.Tensor:
+def safe_norms(values: Sequence[Any], *, jit_compile: bool = False) -> Any:
     """L2 norms of several tensors, finite whenever float32 can represent them.
 
-    One `tf.nn.l2_loss` per tensor, as cheap as the half-squares of up to now, then one
-    `tf.cond` for all of them: only when some half-square is not finite (a sum of
-    squares that overflowed, or a gradient with inf or NaN entries) are the norms
-    taken again with `safe_norm`. A step whose norms are finite pays one predicate and
-    one branch, whatever the number of tensors.
+    One reduction per tensor, then one branch for all of them: only when some sum
+    of squares is not finite (it overflowed, or a gradient holds inf or NaN entries)
+    are the norms taken again, overflow-free. A step whose norms are finite pays one
+    predicate and one branch, whatever the number of tensors.
 
     Args:
-        values: Dense tensors or `tf.IndexedSlices` (no `None`).
+        values: Dense tensors (or `tf.IndexedSlices` on TensorFlow; no `None`).
         jit_compile: Whether the calling function is compiled with XLA. Defaults to
             `False`. The same formulation measured cheapest under both compilers
             (`benchmarks/bench_norms.py`); the argument lets the caller pass what it
@@ -119,24 +111,17 @@ def safe_norms(
 
     Example:
 
-    >>> safe_norms([tf.constant([3.0, 4.0]), tf.fill([100], 1e20)]).numpy().tolist()
-    [5.0, 1.0000000200408773e+21]
+    >>> [round(float(v), 3) for v in safe_norms([keras.ops.array([3.0, 4.0])])]
+    [5.0]
     """
-    if keras.backend.backend() != "tensorflow":
-        return _safe_norms_ops(values)
-    if not values:
-        return tf.zeros((0,), tf.float32)
-    dense = [_dense(value) for value in values]
-    halves = tf.stack([tf.nn.l2_loss(value) for value in dense])
-    return tf.cond(
-        tf.reduce_all(tf.math.is_finite(halves)),
-        lambda: _SQRT2 * tf.sqrt(halves),
-        lambda: tf.stack([safe_norm(value) for value in dense]),
-    )
+    fast = _fast("safe_norms")
+    if fast is not None:
+        return fast(values, jit_compile=jit_compile)
+    return _safe_norms_ops(values)
 
 
 def _safe_norms_ops(values: Sequence) -> object:
-    """`safe_norms` in `keras.ops`, for the backends other than TensorFlow.
+    """`safe_norms` in `keras.ops` (every backend but TensorFlow, which has its own).
 
     One sum of squares per tensor, then one `ops.cond` for all: only in a step where
     some sum is not finite are the norms taken again, each tensor divided by its
@@ -165,27 +150,26 @@ def _safe_norms_ops(values: Sequence) -> object:
     return ops.cond(ops.all(ops.isfinite(squares)), lambda: ops.sqrt(squares), scaled)
 
 
-def tensor_norm_float64(value: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+def tensor_norm_float64(value: Any) -> Any:
     """The L2 norm of a tensor accumulated in float64, returned as float32.
 
     The squares of float32 entries neither overflow nor underflow in float64, so the
-    norm is exact to float32 rounding over float32's whole range; the cast costs a
-    float64 copy of the tensor without XLA (XLA fuses it into the reduction).
+    norm is exact to float32 rounding over float32's whole range. A reference for
+    the benchmarks and tests; TensorFlow only (JAX has no float64 by default).
 
-    Args:
-        value: A tensor or `tf.IndexedSlices`.
-
-    Returns:
-        A float32 scalar tensor; NaN or inf when `value` holds such entries.
+    Raises:
+        NotImplementedError: on the other backends.
     """
-    wide = tf.cast(_dense(value), tf.float64)
-    return tf.cast(tf.sqrt(2.0 * tf.nn.l2_loss(wide)), tf.float32)
+    fast = _fast("tensor_norm_float64")
+    if fast is None:
+        backends.require("`stats.tensor_norm_float64`")
+    return fast(value)
 
 
-def norms(values: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
+def norms(values: Sequence[Any]) -> Any:
     """L2 norms of several tensors, stacked into one float32 vector.
 
-    Each dense tensor costs one reduction op (`half_square`) and the square roots are
+    Each dense tensor costs one reduction (`half_square`) and the square roots are
     taken once for all.
 
     Args:
@@ -195,15 +179,15 @@ def norms(values: Sequence[tf.Tensor | tf.IndexedSlices | None]) -> tf.Tensor:
         A float32 tensor of shape `(len(values),)`.
     """
     if not values:
-        return tf.zeros((0,), tf.float32)
+        return ops.zeros((0,), "float32")
     halves = [
-        tf.constant(float("nan")) if value is None else half_square(value)
+        ops.convert_to_tensor(float("nan"), "float32") if value is None else half_square(value)
         for value in values
     ]
-    return tf.sqrt(2.0 * tf.stack(halves))
+    return ops.sqrt(2.0 * ops.stack(halves))
 
 
-def global_norm(per_tensor_norms: tf.Tensor) -> tf.Tensor:
+def global_norm(per_tensor_norms: Any) -> Any:
     """The global norm: the square root of the sum of squared per-tensor norms.
 
     The norms are divided by the largest one before they are squared, so the global
@@ -212,21 +196,18 @@ def global_norm(per_tensor_norms: tf.Tensor) -> tf.Tensor:
     non-finite, as it should.
 
     Args:
-        per_tensor_norms: The output of `norms` or `safe_norm` over tensors that all
+        per_tensor_norms: The output of `norms` or `safe_norms` over tensors that all
             have a gradient.
 
     Returns:
         A float32 scalar tensor.
     """
-    if keras.backend.backend() != "tensorflow":
-        largest = ops.max(per_tensor_norms)
-        usable = ops.logical_and(largest > 0, ops.isfinite(largest))
-        scale = ops.where(usable, largest, ops.ones_like(largest))
-        return scale * ops.sqrt(ops.sum(ops.square(per_tensor_norms / scale)))
-    largest = tf.reduce_max(per_tensor_norms)
-    usable = tf.logical_and(largest > 0, tf.math.is_finite(largest))
-    scale = tf.where(usable, largest, tf.ones_like(largest))
-    return scale * tf.sqrt(tf.reduce_sum(tf.square(per_tensor_norms / scale)))
+    if ops.shape(per_tensor_norms)[0] == 0:
+        return ops.zeros((), "float32")
+    largest = ops.max(per_tensor_norms)
+    usable = ops.logical_and(largest > 0, ops.isfinite(largest))
+    scale = ops.where(usable, largest, ops.ones_like(largest))
+    return scale * ops.sqrt(ops.sum(ops.square(per_tensor_norms / scale)))
 
 
 def combine_norms(norm_values: np.ndarray, axis: int = -1) -> np.ndarray:

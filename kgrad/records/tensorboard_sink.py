@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from kgrad.records.gradient_records import GradientRecords
 from kgrad.records.paths import check_writable_dir
+
+
+def _summary() -> Any:
+    """`tf.summary`, imported on first use: TensorBoard's event files are written by
+    TensorFlow on every Keras backend, as Keras's own `TensorBoard` callback does."""
+    import tensorflow as tf
+
+    return tf.summary
 
 
 class TensorBoardSink:
@@ -29,11 +37,11 @@ class TensorBoardSink:
 
     def __init__(self, logdir: str | os.PathLike):
         self.logdir = check_writable_dir(logdir, "tensorboard_dir")
-        self._writer: tf.summary.SummaryWriter | None = None
+        self._writer: Any = None
 
-    def _get_writer(self) -> tf.summary.SummaryWriter:
+    def _get_writer(self) -> Any:
         if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.logdir)
+            self._writer = _summary().create_file_writer(self.logdir)
         return self._writer
 
     def write_scalars(self, records: GradientRecords, start: int) -> None:
@@ -47,10 +55,10 @@ class TensorBoardSink:
         ratios = records.first_to_last()[start:]
         with self._get_writer().as_default():
             for row, step in enumerate(steps.tolist()):
-                tf.summary.scalar("grad_norm/global", global_norms[row], step=step)
-                tf.summary.scalar("grad_norm/first_to_last", ratios[row], step=step)
+                _summary().scalar("grad_norm/global", global_norms[row], step=step)
+                _summary().scalar("grad_norm/first_to_last", ratios[row], step=step)
                 for column, name in enumerate(names):
-                    tf.summary.scalar(name, grads[row, column], step=step)
+                    _summary().scalar(name, grads[row, column], step=step)
         self._writer.flush()
 
     def write_histograms(self, step: int, values: Mapping[str, np.ndarray]) -> None:
@@ -58,7 +66,7 @@ class TensorBoardSink:
         with self._get_writer().as_default():
             for name, value in values.items():
                 finite = value[np.isfinite(value)]
-                tf.summary.histogram(f"grad/{name}", finite, step=step)
+                _summary().histogram(f"grad/{name}", finite, step=step)
         self._writer.flush()
 
     def close(self) -> None:
