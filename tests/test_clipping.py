@@ -414,7 +414,7 @@ def test_deepcopy_before_and_after_fit_trains():
     before = copy.deepcopy(clipping)
     _fit(_exploding_model(), [clipping], epochs=1)
     after = copy.deepcopy(clipping)
-    assert after.model is None and after._threshold_variable is None
+    assert after.model is None and after._state is None
     for copied in (before, after):
         losses = _fit(_exploding_model(), [copied], epochs=2).history["loss"]
         assert np.isfinite(losses).all()

@@ -21,8 +21,8 @@ SUPPORT = {
     "tensorflow": "every kgrad callback and function",
     "jax": (
         "GradientNormLogger (on the real training step, every option but "
-        "`probe_data` and `histogram_every_n_steps`) and the records, plots and "
-        "reports made from its logs"
+        "`probe_data` and `histogram_every_n_steps`), GradientClipping (every "
+        "mode) and the records, plots and reports made from the logger's logs"
     ),
 }
 

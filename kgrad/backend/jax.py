@@ -183,3 +183,33 @@ def _position(optimizer: keras.optimizers.Optimizer, variable: keras.Variable) -
             return None
         _POSITIONS[id(variable)] = position
     return position
+
+
+def host_assign(model: keras.Model, variable: keras.Variable, value: Any) -> None:
+    """Sets a state variable on the host between steps, for the next step to use.
+
+    In the middle of an epoch the steps pass their state to each other
+    (`model._jax_state`) and the trainer writes it into the variables only at the
+    epoch's end, which would overwrite a plain `assign`: the state is written back
+    first (`jax_state_sync`), which also makes the next step take its state from the
+    variables again. Called from the main thread (not from an async-safe batch hook).
+    """
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
+    variable.assign(value)
+
+
+def summed_rows(gradient: Any) -> Any:
+    """A gradient with repeated sparse rows summed: JAX's gradients are dense."""
+    return gradient
+
+
+def with_entries(gradient: Any, values: Any) -> Any:
+    """A gradient of the same structure as `gradient` holding `values` (dense here)."""
+    return values
+
+
+def euclidean_norm(value: Any, axis: Sequence[int]) -> Any:
+    """The L2 norm of `value` over `axis` (XLA fuses the squares into the sum)."""
+    return ops.sqrt(ops.sum(ops.square(value), axis=tuple(axis)))

@@ -167,6 +167,37 @@ def host_value(model: keras.Model, variable: tf.Variable) -> np.ndarray:
     return variable.numpy()
 
 
+def host_assign(model: keras.Model, variable: tf.Variable, value: Any) -> None:
+    """Sets a state variable on the host between steps, for the next step to use."""
+    variable.assign(value)
+
+
+def summed_rows(gradient: Any) -> Any:
+    """A `tf.IndexedSlices` with the values of repeated rows summed (as the optimizer
+    would apply them) and each row named once; a dense gradient as it is."""
+    if not isinstance(gradient, tf.IndexedSlices):
+        return gradient
+    unique, positions = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(
+        gradient.values, positions, tf.shape(unique)[0]
+    )
+    return tf.IndexedSlices(values, unique, gradient.dense_shape)
+
+
+def with_entries(gradient: Any, values: Any) -> Any:
+    """A gradient of the same structure as `gradient` holding `values`: the
+    `tf.IndexedSlices` of `gradient`'s rows, or `values` for a dense gradient."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+    return values
+
+
+def euclidean_norm(value: Any, axis: Sequence[int]) -> tf.Tensor:
+    """The L2 norm of `value` over `axis` in one op (`EuclideanNorm`, no squared copy
+    of the tensor). XLA has no kernel for it: not for an XLA-compiled step."""
+    return tf.math.reduce_euclidean_norm(value, axis=list(axis))
+
+
 # -- reductions with TensorFlow's own ops (`kgrad.stats` uses them when present) -------
 # `tf.nn.l2_loss` is one op where a norm in `keras.ops` takes three, and sparse
 # `tf.IndexedSlices` gradients are summed by row without making them dense.

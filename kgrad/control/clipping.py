@@ -8,9 +8,8 @@ from typing import Any, Literal, get_args
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.capture.optimizers import (
     check_optimizer_names,
@@ -115,16 +114,7 @@ class GradientClipping(KgradCallback):
     0.12
     """
 
-    _transient = (
-        "_model",
-        "_hook",
-        "_state",
-        "_threshold_variable",
-        "_percentile_variable",
-        "_history",
-        "_current_threshold",
-        "_clipped_steps",
-    )
+    _transient = ("_model", "_hook", "_state")
 
     def __init__(
         self,
@@ -170,11 +160,12 @@ class GradientClipping(KgradCallback):
 
     @property
     def threshold(self) -> float | None:
-        """The current threshold (for `autoclip`: the last computed one, or `None`)."""
+        """The current threshold (for `autoclip`: the last computed one, or `None`;
+        with several clipped optimizers, that of the first one the step calls)."""
         if self.mode == "autoclip":
-            if self._current_threshold is None:
+            if self._state is None:
                 return None
-            return float(self._current_threshold.numpy())
+            return float(self._state.host_value(self._state.main().current_threshold))
         return self._threshold
 
     @threshold.setter
@@ -185,8 +176,8 @@ class GradientClipping(KgradCallback):
                 f"`percentile` instead. Received: threshold={value!r}"
             )
         self._threshold = _check_threshold(value, self.mode)
-        if self._threshold_variable is not None:
-            self._threshold_variable.assign(self._threshold)
+        if self._state is not None:
+            self._state.assign("threshold", self._threshold)
 
     @property
     def percentile(self) -> float:
@@ -196,8 +187,8 @@ class GradientClipping(KgradCallback):
     @percentile.setter
     def percentile(self, value: float) -> None:
         self._percentile = _check_percentile(value)
-        if self._percentile_variable is not None:
-            self._percentile_variable.assign(self._percentile)
+        if self._state is not None:
+            self._state.assign("percentile", self._percentile)
 
     # -- results -----------------------------------------------------------------------
 
@@ -207,25 +198,33 @@ class GradientClipping(KgradCallback):
 
         NaN before any step ran.
         """
-        if self._clipped_steps is None:
+        if self._state is None:
             return float("nan")
-        seen = self._steps_seen() - self._first_step
-        return int(self._clipped_steps.numpy()) / seen if seen else float("nan")
+        seen = self._state.steps_seen() - self._first_step
+        return self._state.clipped_steps() / seen if seen else float("nan")
 
-    def history(self) -> np.ndarray:
+    def history(self, optimizer: str | None = None) -> np.ndarray:
         """`autoclip`'s recorded global norms, oldest first (at most `history_size`).
 
-        Non-finite norms are not recorded. Empty for the other modes or before
-        training.
+        Non-finite norms are not recorded. Each clipped optimizer keeps its own
+        history (its gradients have their own scale).
+
+        Args:
+            optimizer: The optimizer whose history to return, by the model
+                attribute that holds it. Defaults to `None`: the first clipped
+                optimizer that the step calls.
+
+        Returns:
+            A float32 vector; empty for the other modes or before training.
         """
-        if self._history is None:
+        if self._state is None or self.mode != "autoclip":
             return np.zeros((0,), np.float32)
-        return self._history.to_numpy()
+        part = self._state.main() if optimizer is None else self._state.parts[optimizer]
+        return part.history.to_numpy()
 
     # -- callback hooks ----------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        backend.require("GradientClipping")
         model = self.model
         check_trainable(model)
         self._selected = list(select_optimizers(model, self.optimizers))
@@ -234,22 +233,13 @@ class GradientClipping(KgradCallback):
                 self._check_optimizer(optimizer)
         hook = StepHook.attach(model)
         state = self._state
-        if state is None or state.hook is not hook:
+        if state is None or not state.serves(hook, self._selected):
             # Kept across `fit()` calls: the train function traced with these
             # variables is then reused.
-            state = self._state = _ClipState(hook, self.mode, self.history_size)
+            state = _ClipState(hook, self.mode, self.history_size, self._selected)
+            self._state = state
         self._hook = hook
-        self._threshold_variable = state.threshold
-        self._threshold_variable.assign(self._threshold or 0.0)
-        self._percentile_variable = state.percentile
-        self._percentile_variable.assign(self._percentile)
-        self._current_threshold = state.current_threshold
-        self._history = state.history
-        if self._history is not None:  # each `fit()` starts its own history
-            self._history.count.assign(0)
-            self._current_threshold.assign(float("nan"))
-        self._clipped_steps = state.clipped_steps
-        self._clipped_steps.assign(0)
+        state.reset(self._threshold or 0.0, self._percentile)
         self._checked_hook = False
         hook.add(
             self,
@@ -257,11 +247,11 @@ class GradientClipping(KgradCallback):
             optimizers=self._selected,
             state=state,
         )
-        self._first_step = self._steps_seen()
+        self._first_step = state.steps_seen()
         self._epoch_start = (0, self._first_step)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch_start = (int(self._clipped_steps.numpy()), self._steps_seen())
+        self._epoch_start = (self._state.clipped_steps(), self._state.steps_seen())
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if not self._checked_hook:
@@ -272,8 +262,8 @@ class GradientClipping(KgradCallback):
         if not self._checked_hook:
             self._checked_hook = True
             self._check_hooked()
-        clipped = int(self._clipped_steps.numpy()) - self._epoch_start[0]
-        seen = self._steps_seen() - self._epoch_start[1]
+        clipped = self._state.clipped_steps() - self._epoch_start[0]
+        seen = self._state.steps_seen() - self._epoch_start[1]
         fraction = clipped / seen if seen else float("nan")
         threshold = self.threshold
         if logs is not None:
@@ -291,11 +281,6 @@ class GradientClipping(KgradCallback):
             self._hook = None
 
     # -- internals ---------------------------------------------------------------------
-
-    def _steps_seen(self) -> int:
-        """Calls of the clipped optimizers so far (the hook counts them)."""
-        hook = self._state.hook
-        return sum(int(hook.step_variable(name).numpy()) for name in self._selected)
 
     def _check_hooked(self) -> None:
         used = self._hook.traced_optimizers
@@ -345,7 +330,9 @@ class GradientClipping(KgradCallback):
 
     def _transform(self, context: StepContext, gradients: list[Any]) -> list[Any]:
         mode = self.mode
-        threshold = self._threshold_variable.read_value()
+        hook = self._state.hook
+        part = self._state.parts[context.optimizer_name]
+        threshold = hook.read(part.threshold)
         if mode == "global_norm":
             clipped, _, hit = clip.clip_by_global_norm(gradients, threshold)
         elif mode == "layer_norm":
@@ -359,7 +346,9 @@ class GradientClipping(KgradCallback):
         elif mode == "value":
             clipped, hit = clip.clip_by_value(gradients, threshold)
         elif mode == "autoclip":
-            threshold, norm = self._autoclip_threshold(gradients)
+            norm = clip.gradients_global_norm(gradients)
+            threshold = part.history.record_and_percentile(norm, hook.read(part.percentile))
+            part.current_threshold.assign(threshold)
             clipped, _, hit = clip.clip_by_global_norm(gradients, threshold, norm)
         else:
             _, final_layer = self._depths(context)
@@ -375,31 +364,84 @@ class GradientClipping(KgradCallback):
                 skip,
                 fused=not self.model.jit_compile,  # traced with the step: its setting
             )
-        self._clipped_steps.assign_add(tf.cast(hit, tf.int64))
+        hook.increment(part.clipped_steps, ops.cast(hit, hook.backend.INDEX_DTYPE))
         return clipped
 
-    def _autoclip_threshold(
-        self, gradients: list[Any]
-    ) -> tuple[tf.Tensor, tf.Tensor]:
-        norm = clip.gradients_global_norm(gradients)
-        threshold = self._history.record_and_percentile(
-            norm, self._percentile_variable.read_value()
-        )
-        self._current_threshold.assign(threshold)
-        return threshold, norm
+
+class _OptimizerClipState:
+    """The variables that the calls of one optimizer read and write in the step (on
+    JAX that optimizer's state: its stateless `apply` carries no other variable)."""
+
+    def __init__(self, hook: StepHook, mode: str, history_size: int, optimizer: str):
+        def make(value: Any, dtype: str, name: str) -> Any:
+            return hook.make_variable(value, dtype, name, optimizer=optimizer)
+
+        self.threshold = make(0.0, "float32", "kgrad_clip_threshold")
+        self.percentile = make(0.0, "float32", "kgrad_clip_percentile")
+        self.current_threshold = self.history = None
+        if mode == "autoclip":
+            self.current_threshold = make(float("nan"), "float32", "kgrad_clip_current")
+            self.history = NormHistory(hook, history_size, optimizer=optimizer)
+        self.clipped_steps = make(0, hook.backend.INDEX_DTYPE, "kgrad_clipped_steps")
 
 
 class _ClipState:
-    """The variables `GradientClipping` writes in the step, kept across `fit()` calls."""
+    """What `GradientClipping` writes in the step, per clipped optimizer, kept across
+    `fit()` calls; read and set on the host through the backend (on JAX the values
+    of the middle of an epoch live in the step's returned state)."""
 
-    def __init__(self, hook: StepHook, mode: str, history_size: int):
+    def __init__(
+        self, hook: StepHook, mode: str, history_size: int, optimizers: Sequence[str]
+    ):
         self.hook = hook
-        self.threshold = hook.make_variable(0.0, tf.float32, "kgrad_clip_threshold")
-        self.percentile = hook.make_variable(0.0, tf.float32, "kgrad_clip_percentile")
-        self.current_threshold = self.history = None
-        if mode == "autoclip":
-            self.current_threshold = hook.make_variable(
-                float("nan"), tf.float32, "kgrad_clip_current"
-            )
-            self.history = NormHistory(hook, history_size)
-        self.clipped_steps = hook.make_variable(0, tf.int64, "kgrad_clipped_steps")
+        self._optimizers = {name: hook.optimizers[name] for name in optimizers}
+        self.parts = {
+            name: _OptimizerClipState(hook, mode, history_size, name)
+            for name in optimizers
+        }
+
+    def serves(self, hook: StepHook, optimizers: Sequence[str]) -> bool:
+        """Whether these variables belong to `hook` and these very optimizers (a new
+        `compile()` replaces them)."""
+        return (
+            hook is self.hook
+            and list(optimizers) == list(self._optimizers)
+            and all(hook.optimizers.get(k) is v for k, v in self._optimizers.items())
+        )
+
+    def reset(self, threshold: float, percentile: float) -> None:
+        """Sets the thresholds and empties the counts and histories (before a fit)."""
+        for part in self.parts.values():
+            part.threshold.assign(threshold)
+            part.percentile.assign(percentile)
+            part.clipped_steps.assign(0)
+            if part.history is not None:  # each `fit()` starts its own history
+                part.history.reset()
+                part.current_threshold.assign(float("nan"))
+
+    def assign(self, name: str, value: float) -> None:
+        """Sets the variable `name` of every optimizer, for the next step to use."""
+        backend, model = self.hook.backend, self.hook.model
+        for part in self.parts.values():
+            backend.host_assign(model, getattr(part, name), value)
+
+    def host_value(self, variable: Any) -> np.ndarray:
+        return np.asarray(self.hook.backend.host_value(self.hook.model, variable))
+
+    def main(self) -> _OptimizerClipState:
+        """The state of the first clipped optimizer that the step calls."""
+        used = self.hook.traced_optimizers
+        return next(
+            (part for name, part in self.parts.items() if name in used),
+            next(iter(self.parts.values())),
+        )
+
+    def clipped_steps(self) -> int:
+        """Calls of the clipped optimizers so far in which something was clipped."""
+        return sum(int(self.host_value(p.clipped_steps)) for p in self.parts.values())
+
+    def steps_seen(self) -> int:
+        """Calls of the clipped optimizers so far (the hook counts them)."""
+        return sum(
+            int(self.host_value(self.hook.step_variable(name))) for name in self.parts
+        )
