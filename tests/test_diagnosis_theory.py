@@ -16,6 +16,9 @@ import pytest
 import kgrad
 from kgrad.diagnosis import fixes
 
+# Theory does not depend on the backend: each one's autodiff must land on it.
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 WIDTH, DEPTH, EXAMPLES = 128, 20, 256
 SEEDS = (0, 1, 2)
 NODES, WEIGHTS = np.polynomial.hermite_e.hermegauss(120)

@@ -9,6 +9,8 @@ from kgrad.diagnosis import fixes
 from kgrad.diagnosis.activations import has_skip_connection, network_context
 from kgrad.diagnosis.fixes import fixes_for
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 
 def _mlp(block=None, initializer="glorot_uniform", depth=4, width=8):
     """A ReLU MLP; `block(x, i)` may wrap each hidden layer (skip, normalization)."""

@@ -1,4 +1,4 @@
-"""Gradients on a fixed probe batch, with `tf.GradientTape`.
+"""Gradients on a fixed probe batch, differentiated by the backend's autodiff.
 
 The fallback for models whose training step cannot be hooked, and the way to compare
 runs on the same inputs. It costs an extra forward and backward pass per probe.
@@ -16,7 +16,6 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from kgrad import backend
 
@@ -152,7 +151,7 @@ class _LossFnResultError(ValueError):
     """`loss_fn` returned something other than a floating-point scalar."""
 
 
-def call_loss_fn(loss_fn: LossFunction, model: keras.Model, batch: Any) -> tf.Tensor:
+def call_loss_fn(loss_fn: LossFunction, model: keras.Model, batch: Any) -> Any:
     """`loss_fn(model, batch)` as a scalar float tensor, checked.
 
     Args:
@@ -166,17 +165,18 @@ def call_loss_fn(loss_fn: LossFunction, model: keras.Model, batch: Any) -> tf.Te
     Raises:
         ValueError: if the result is not a scalar.
     """
-    value = tf.convert_to_tensor(loss_fn(model, batch))
-    if value.shape.rank != 0:
+    value = keras.ops.convert_to_tensor(loss_fn(model, batch))
+    if len(value.shape) != 0:
         raise _LossFnResultError(
             "`loss_fn` must return a scalar (reduce the per-example losses, for "
             "example with `keras.ops.mean`). Received: a value of shape "
             f"{tuple(value.shape)}"
         )
-    if not value.dtype.is_floating:
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    if "float" not in dtype:
         raise _LossFnResultError(
             "`loss_fn` must return a floating-point scalar. Received: dtype "
-            f"{value.dtype.name}"
+            f"{dtype}"
         )
     return value
 
@@ -267,6 +267,28 @@ def pack_batch(x: Any, y: Any = None, sample_weight: Any = None) -> Any:
     return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
 
+def probe_loss(
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    training: bool = False,
+    *,
+    loss_fn: LossFunction | None = None,
+) -> Callable[[], Any]:
+    """`() -> loss` on the batch, written with Keras calls (see `probe_gradients`)."""
+
+    def loss() -> Any:
+        if loss_fn is not None:
+            return call_loss_fn(loss_fn, model, pack_batch(x, y, sample_weight))
+        y_pred = model(x, training=training)
+        return model.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+
+    return loss
+
+
 def probe_gradients(
     model: keras.Model,
     x: Any,
@@ -275,13 +297,14 @@ def probe_gradients(
     training: bool = False,
     *,
     loss_fn: LossFunction | None = None,
-) -> tuple[tf.Tensor, list[Any]]:
+) -> tuple[Any, list[Any]]:
     """The loss and its gradients with respect to `model.trainable_variables`.
 
     The loss is the compiled loss (with regularization terms), as in the training
     step but without loss scaling; or `loss_fn(model, batch)`, for a model whose
     `train_step` computes its own loss (keras-io's GAN and VAE have no `call()`).
-    Call inside a `tf.function` for speed.
+    The backend differentiates it: `tf.GradientTape` on TensorFlow (call inside a
+    `tf.function` for speed), `jax.grad` at the current weights on JAX.
 
     Args:
         model: A compiled Keras model (any model with `loss_fn`).
@@ -297,7 +320,9 @@ def probe_gradients(
             `fit` packs the data for `train_step`. Defaults to `None`.
 
     Returns:
-        `(loss, gradients)`, gradients aligned with `model.trainable_variables`.
+        `(loss, gradients)`, gradients aligned with `model.trainable_variables`
+        (`None` for a variable the loss does not depend on). On JAX a training-mode
+        pass leaves the non-trainable state (batch-norm statistics) unchanged.
 
     Example:
 
@@ -306,13 +331,8 @@ def probe_gradients(
     ...     return keras.ops.mean(keras.ops.square(model.decoder(z_mean) - batch))
     >>> loss, grads = probe_gradients(vae, x_batch, loss_fn=vae_loss)  # doctest: +SKIP
     """
-    backend.require("probe_gradients")
-    with tf.GradientTape() as tape:
-        if loss_fn is not None:
-            loss = call_loss_fn(loss_fn, model, pack_batch(x, y, sample_weight))
-        else:
-            y_pred = model(x, training=training)
-            loss = model.compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-            )
-    return loss, tape.gradient(loss, model.trainable_variables)
+    loss = probe_loss(model, x, y, sample_weight, training, loss_fn=loss_fn)
+    value, _, gradients, _ = backend.current().probe_gradients(
+        model, lambda: (loss(), None), model.trainable_variables
+    )
+    return value, gradients

@@ -8,10 +8,9 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
+from keras import ops
 
 from kgrad import stats
-from kgrad import backend
 from kgrad.callbacks.base import check_positive_int
 from kgrad.capture.probe import (
     LossFunction,
@@ -109,37 +108,37 @@ def _check_arguments(
 
 def _loss_fn_objective(
     model: keras.Model, loss_fn: LossFunction, x: Any, y: Any, examples: int
-) -> Callable[[Any, int, int], tf.Tensor]:
-    def given_loss_fn(y_pred: Any, start: int, stop: int) -> tf.Tensor:
+) -> Callable[[Any, int, int], Any]:
+    def given_loss_fn(y_pred: Any, start: int, stop: int) -> Any:
         def rows(value: Any) -> Any:
             return value[start:stop]
 
         y_batch = None if y is None else keras.tree.map_structure(rows, y)
         batch = pack_batch(keras.tree.map_structure(rows, x), y_batch)
         value = call_loss_fn(loss_fn, model, batch)
-        return tf.cast(value, tf.float32) * ((stop - start) / examples)
+        return ops.cast(value, "float32") * ((stop - start) / examples)
 
     return given_loss_fn
 
 
 def _objective(
     model: keras.Model, y: Any, loss: Any, examples: int, seed: int
-) -> Callable[[Any, int, int], tf.Tensor]:
+) -> Callable[[Any, int, int], Any]:
     if y is None:
         # The mean-field setting: a fixed Gaussian cotangent at the outputs, so the
         # backward pass measures the network, not a loss at one point of training.
         rng = np.random.default_rng(seed)
         cotangents: dict[int, np.ndarray] = {}
 
-        def random_cotangent(y_pred: Any, start: int, stop: int) -> tf.Tensor:
+        def random_cotangent(y_pred: Any, start: int, stop: int) -> Any:
             total = 0.0
             for index, output in enumerate(keras.tree.flatten(y_pred)):
                 if index not in cotangents:
                     cotangents[index] = rng.standard_normal(
                         (examples, *output.shape[1:])
                     ).astype(np.float32)
-                direction = tf.cast(cotangents[index][start:stop], output.dtype)
-                total += tf.reduce_sum(tf.cast(output * direction, tf.float32))
+                direction = ops.cast(cotangents[index][start:stop], output.dtype)
+                total += ops.sum(ops.cast(output * direction, "float32"))
             return total / examples
 
         return random_cotangent
@@ -147,10 +146,10 @@ def _objective(
     if loss is not None:
         loss_function = keras.losses.get(loss)
 
-        def given_loss(y_pred: Any, start: int, stop: int) -> tf.Tensor:
+        def given_loss(y_pred: Any, start: int, stop: int) -> Any:
             y_batch = keras.tree.map_structure(lambda v: v[start:stop], y)
-            value = keras.ops.mean(loss_function(y_batch, y_pred))
-            return tf.cast(value, tf.float32) * (stop - start) * weight
+            value = ops.mean(loss_function(y_batch, y_pred))
+            return ops.cast(value, "float32") * (stop - start) * weight
 
         return given_loss
     if getattr(model, "loss", None) is None:
@@ -161,10 +160,10 @@ def _objective(
             "backpropagate a random Gaussian signal."
         )
 
-    def compiled_loss(y_pred: Any, start: int, stop: int) -> tf.Tensor:
+    def compiled_loss(y_pred: Any, start: int, stop: int) -> Any:
         y_batch = keras.tree.map_structure(lambda v: v[start:stop], y)
         value = model.compute_loss(x=None, y=y_batch, y_pred=y_pred, training=False)
-        return tf.cast(value, tf.float32) * (stop - start) * weight
+        return ops.cast(value, "float32") * (stop - start) * weight
 
     return compiled_loss
 
@@ -238,7 +237,8 @@ def diagnose(
     """Diagnoses the gradient health of a model on a probe set, without training it.
 
     Works on a fresh (untrained) model and on a trained one. The probe set goes
-    through the model in batches under a `tf.GradientTape`, and the report holds:
+    through the model in batches (differentiated by the backend: `tf.GradientTape`
+    on TensorFlow, `jax.grad` over a stateless call on JAX), and the report holds:
 
     - the per-layer profile of the backpropagated signal and its decay across depth
       (gradients with respect to each kernel layer's output where the model has a
@@ -310,7 +310,6 @@ def diagnose(
     ...     return keras.ops.mean(keras.ops.square(vae.decoder(z_mean) - batch))
     >>> report = kgrad.diagnose(vae, x_train[:512], loss_fn=vae_loss)  # doctest: +SKIP
     """
-    backend.require("diagnose")
     _check_arguments(model, x, loss, loss_fn, batch_size, training, seed)
     examples = _count(x, "x")
     if examples == 0:

@@ -14,11 +14,13 @@ outputs by wrapping each layer's `call` for the length of a block.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
+
+# `transform(layer_index, call_index, output)`: what a recorded call returns instead.
+Transform = Callable[[int, int, Any], Any]
 
 
 def functional_reason(model: keras.Model) -> str | None:
@@ -108,11 +110,12 @@ class CallRecorder:
 
     For forward passes that run through a user's function (a `loss_fn` calling the
     sub-models of a GAN or a VAE), where no functional graph of the whole
-    computation exists. Each layer's `call` is wrapped on the instance for the length
-    of `recording()` and restored afterwards. Only eager calls with one tensor
-    output are recorded (the tensors a `tf.GradientTape` can differentiate with
-    respect to), as `(first input, output)`; a layer called several times records
-    every call.
+    computation exists, and for the outputs of the layers whose gradients `diagnose`
+    takes. Each layer's `call` is wrapped on the instance for the length of
+    `recording()` and restored afterwards. Only calls with one tensor output are
+    recorded (not the symbolic ones of a model being built), as `(first input,
+    output)`; a layer called several times records every call. The backend's
+    `probe_gradients` differentiates the loss with respect to these outputs.
 
     Args:
         layers: The layers to watch.
@@ -120,32 +123,50 @@ class CallRecorder:
     Example:
 
     >>> recorder = CallRecorder([model.encoder.layers[1]])  # doctest: +SKIP
-    >>> with tf.GradientTape() as tape, recorder.recording() as calls:
-    ...     loss = loss_fn(model, x)  # doctest: +SKIP
-    >>> tape.gradient(loss, [output for _, output in calls[0]])  # doctest: +SKIP
+    >>> with recorder.recording() as calls:  # doctest: +SKIP
+    ...     loss = loss_fn(model, x)
+    >>> [output for _, output in calls[0]]  # doctest: +SKIP
     """
 
     def __init__(self, layers: Sequence[keras.Layer]):
         self.layers = list(layers)
 
     @staticmethod
-    def _wrapped(call: Any, calls: list[tuple[Any, tf.Tensor]]) -> Any:
+    def _wrapped(
+        call: Any,
+        calls: list[tuple[Any, Any]],
+        slot: int,
+        transform: Transform | None,
+    ) -> Any:
         def recording_call(*args: Any, **kwargs: Any) -> Any:
             output = call(*args, **kwargs)
-            if tf.executing_eagerly() and tf.is_tensor(output):
-                calls.append((args[0] if args else None, output))
+            if keras.ops.is_tensor(output):
+                if transform is not None:
+                    output = transform(slot, len(calls), output)
+                given = args[0] if args else None
+                calls.append((given if keras.ops.is_tensor(given) else None, output))
             return output
 
         return recording_call
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[list[list[tuple[Any, tf.Tensor]]]]:
-        """Records the calls made in the block: per layer, `(input, output)` pairs."""
-        calls: list[list[tuple[Any, tf.Tensor]]] = [[] for _ in self.layers]
+    def recording(
+        self, transform: Transform | None = None
+    ) -> Iterator[list[list[tuple[Any, Any]]]]:
+        """Records the calls made in the block: per layer, `(input, output)` pairs.
+
+        Args:
+            transform: `transform(layer_index, call_index, output)` returns what the
+                call returns instead of `output` (and what is recorded): JAX's
+                `probe_gradients` adds a zero there to differentiate the output.
+                Defaults to `None`, the output as it is.
+        """
+        calls: list[list[tuple[Any, Any]]] = [[] for _ in self.layers]
         # `object.__setattr__`: a layer's own `__setattr__` tracks what it is given.
         saved = [layer.__dict__.get("call") for layer in self.layers]
-        for layer, outputs in zip(self.layers, calls):
-            object.__setattr__(layer, "call", self._wrapped(layer.call, outputs))
+        for slot, (layer, outputs) in enumerate(zip(self.layers, calls)):
+            wrapped = self._wrapped(layer.call, outputs, slot, transform)
+            object.__setattr__(layer, "call", wrapped)
         try:
             yield calls
         finally:

@@ -1,9 +1,10 @@
 """One pass over a probe set: gradients per variable and layer output, unit statistics.
 
-This is the engine of `diagnose`: it runs the model batch by batch under a
-`tf.GradientTape`, through a functional sub-model when the model has a graph (or
-through the user's `loss_fn`, recording the outputs of the layers it calls), and
-accumulates what the detectors need. Non-trainable state touched by a `training=True`
+This is the engine of `diagnose`: it runs the model batch by batch through the
+backend's `probe_gradients` (`tf.GradientTape` on TensorFlow, `jax.grad` over a
+stateless call on JAX), through a functional sub-model when the model has a graph (or
+through the user's `loss_fn`), recording the outputs of the kernel layers it calls,
+and accumulates what the detectors need. Non-trainable state touched by a `training=True`
 pass (batch-norm moving statistics, dropout seeds) is restored afterwards, so a trained
 model is left exactly as it was.
 """
@@ -16,8 +17,8 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from kgrad import backend
 from kgrad.capture.variables import (
     TrackedVariable,
     ordered_layers,
@@ -33,7 +34,7 @@ from kgrad.diagnosis.graph import (
 )
 from kgrad.diagnosis.site_stats import SiteStats
 
-Objective = Callable[[Any, Any, int, int], tf.Tensor]
+Objective = Callable[[Any, int, int], Any]
 
 
 @dataclasses.dataclass
@@ -73,7 +74,8 @@ class Measurements:
 def _dense(gradient: Any) -> np.ndarray | None:
     if gradient is None:
         return None
-    return tf.cast(tf.convert_to_tensor(gradient), tf.float64).numpy()
+    dense = backend.current().dense(gradient)
+    return keras.ops.convert_to_numpy(dense).astype(np.float64)
 
 
 def restoring(model: keras.Model) -> Callable[[], None]:
@@ -100,7 +102,7 @@ def _computes_in_float16(model: keras.Model) -> bool:
 
 
 class _Pass:
-    """One walk over the probe set, batch by batch, under a gradient tape."""
+    """One walk over the probe set, batch by batch, through `probe_gradients`."""
 
     def __init__(
         self, model, x, examples, objective, batch_size, training, seed, calls_model
@@ -113,6 +115,9 @@ class _Pass:
         self.sites, self.kernel_layers, self.stats, self.reader = [], [], [], None
         self.kernel_names: list[str] = []
         self.recorder: CallRecorder | None = None
+        # Where the recorder's calls of each kernel layer are.
+        self._kernel_slots: list[int] = []
+        self._watched_calls = not calls_model  # the sites come from recorded calls
         if not calls_model:
             self._watch_calls(model, seed)
             return
@@ -132,8 +137,10 @@ class _Pass:
             site.kernel_input if stat.null is not None else site.output
             for stat, site in zip(self.stats, self.sites)
         ]
-        tensors += [layer_output(model, layer) for layer in self.kernel_layers]
         self.reader = LayerReader(model, tensors)
+        # The kernel layers' outputs are differentiated where they are made.
+        self.recorder = CallRecorder(self.kernel_layers)
+        self._kernel_slots = list(range(len(self.kernel_layers)))
         self._order = {layer.name: i for i, layer in enumerate(ordered_layers(model))}
         self.kernel_names = [layer.name for layer in self.kernel_layers]
 
@@ -159,6 +166,7 @@ class _Pass:
         self._watched = list({id(layer): layer for layer in watched}.values())
         self._slot = {id(layer): i for i, layer in enumerate(self._watched)}
         self.recorder = CallRecorder(self._watched)
+        self._kernel_slots = [self._slot[id(layer)] for layer in self.kernel_layers]
         if not self.sites:
             self.notes.append(
                 f"Through `loss_fn`, model {model.name!r} is measured by the "
@@ -168,15 +176,15 @@ class _Pass:
             )
 
     def _recorded_sites(
-        self, calls: list[list[tuple[Any, Any]]]
+        self, calls: list[list[tuple[Any, Any, Any]]]
     ) -> tuple[list[list[Any]], list[list[Any]]]:
         """Per site, one entry per call: its output, and its kernel layer's input
         (`None` where the null model needs none or the calls do not pair up)."""
         outputs, inputs = [], []
         for stat, site in zip(self.stats, self.sites):
-            made = [output for _, output in calls[self._slot[id(site.layer)]]]
+            made = [call[1] for call in calls[self._slot[id(site.layer)]]]
             read = (
-                [given for given, _ in calls[self._slot[id(site.kernel_layer)]]]
+                [call[0] for call in calls[self._slot[id(site.kernel_layer)]]]
                 if stat.null is not None
                 else []
             )
@@ -184,31 +192,22 @@ class _Pass:
             inputs.append(read if len(read) == len(made) else [None] * len(made))
         return outputs, inputs
 
-    def _forward(self, xb: Any, start: int, stop: int) -> tuple[Any, ...]:
-        """The objective on one batch, with the tensors read on the way.
+    def _forward(self, xb: Any, start: int, stop: int) -> tuple[Any, Any]:
+        """The objective on one batch, and what the reader read on the way.
 
         Returns:
-            Per site, its outputs and its kernel inputs (one per call); the
-            kernel-layer outputs, the kernel layer of each (an index); the loss.
+            The loss, and per site its outputs and its kernel inputs (one per call;
+            `None` when the sites come from the recorded calls).
         """
-        if self.recorder is not None:
-            with self.recorder.recording() as calls:
-                loss = self.objective(None, start, stop)
-            site_outputs, kernel_inputs = self._recorded_sites(calls)
-            made = [calls[self._slot[id(layer)]] for layer in self.kernel_layers]
-            owners = [index for index, outputs in enumerate(made) for _ in outputs]
-            outputs = [output for pairs in made for _, output in pairs]
-            return site_outputs, kernel_inputs, outputs, owners, loss
+        if self._watched_calls:
+            return self.objective(None, start, stop), None
         if self.reader is None:
-            y_pred, read = self.model(xb, training=self.training), []
-        else:
-            read, y_pred = self.reader(xb, training=self.training)
+            return self.objective(self.model(xb, training=self.training), start, stop), None
+        read, y_pred = self.reader(xb, training=self.training)
         count = len(self.sites)
-        outputs = read[2 * count :]
-        loss = self.objective(y_pred, start, stop)
         site_outputs = [[output] for output in read[:count]]
-        kernel_inputs = [[given] for given in read[count : 2 * count]]
-        return site_outputs, kernel_inputs, outputs, list(range(len(outputs))), loss
+        kernel_inputs = [[given] for given in read[count:]]
+        return self.objective(y_pred, start, stop), (site_outputs, kernel_inputs)
 
     def run(self, scale: float) -> None:
         """Accumulates gradients of `scale` x the objective, divided back by `scale`."""
@@ -220,35 +219,45 @@ class _Pass:
         for start in range(0, self.examples, self.batch_size):
             stop = min(start + self.batch_size, self.examples)
             xb = keras.tree.map_structure(lambda value: value[start:stop], self.x)
-            with tf.GradientTape() as tape:
-                site_outputs, kernel_inputs, outputs, owners, loss = self._forward(
-                    xb, start, stop
-                )
-                loss = loss * scale
-            gradients = tape.gradient(loss, self.variables + outputs)
-            for index, gradient in enumerate(gradients[: len(self.variables)]):
+
+            def scaled(xb: Any = xb, start: int = start, stop: int = stop) -> tuple:
+                loss, read = self._forward(xb, start, stop)
+                return loss * scale, read
+
+            _, read, gradients, calls = backend.current().probe_gradients(
+                self.model, scaled, self.variables, self.recorder
+            )
+            if read is None:
+                site_outputs, kernel_inputs = self._recorded_sites(calls)
+            else:
+                site_outputs, kernel_inputs = read
+            made = [calls[slot] for slot in self._kernel_slots]
+            owners = [index for index, made_calls in enumerate(made) for _ in made_calls]
+            outputs = [call[1] for made_calls in made for call in made_calls]
+            output_gradients = [call[2] for made_calls in made for call in made_calls]
+            for index, gradient in enumerate(gradients):
                 dense = _dense(gradient)
                 if dense is not None:
                     total = self.grad_sums[index]
                     dense /= scale
                     self.grad_sums[index] = dense if total is None else total + dense
-            for index, gradient in zip(owners, gradients[len(self.variables) :]):
+            for index, gradient in zip(owners, output_gradients):
                 if gradient is not None:
-                    square = tf.reduce_sum(tf.square(tf.cast(gradient, tf.float64)))
+                    square = np.sum(np.square(_dense(gradient)))
                     previous = np.nan_to_num(self.squares[index])
                     self.squares[index] = previous + float(square) / scale**2
             names = []
-            for stat, made, given in zip(self.stats, site_outputs, kernel_inputs):
-                for output, kernel_input in zip(made, given):
+            for stat, made_sites, given in zip(self.stats, site_outputs, kernel_inputs):
+                for output, kernel_input in zip(made_sites, given):
                     stat.add(output, kernel_input if stat.null is not None else None)
                     names.append(stat.prefix + stat.site.name)
             names += [self.kernel_names[index] for index in owners]
-            site_tensors = [output for made in site_outputs for output in made]
+            site_tensors = [output for made_sites in site_outputs for output in made_sites]
             for name, output in zip(names, site_tensors + outputs):
                 self._check_finite(name, output)
 
-    def _check_finite(self, name: str, output: tf.Tensor) -> None:
-        if bool(tf.reduce_all(tf.math.is_finite(tf.cast(output, tf.float32)))):
+    def _check_finite(self, name: str, output: Any) -> None:
+        if bool(keras.ops.all(keras.ops.isfinite(keras.ops.cast(output, "float32")))):
             return
         first = self.first_non_finite
         if first is None or self._order[name] < self._order[first]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from kgrad.diagnosis.activations import ActivationSite
 from kgrad.diagnosis.fixes import DEAD_PRONE
@@ -47,10 +47,10 @@ class SiteStats:
         self.saturated = 0
         self.total = 0
 
-    def add(self, output: tf.Tensor, kernel_input: Any) -> None:
-        flat = tf.reshape(output, [-1, output.shape[-1]])
+    def add(self, output: Any, kernel_input: Any) -> None:
+        flat = ops.reshape(output, (-1, output.shape[-1]))
         if self.site.activation in DEAD_PRONE:
-            active = tf.reduce_any(tf.not_equal(flat, 0), axis=0).numpy()
+            active = ops.convert_to_numpy(ops.any(ops.not_equal(flat, 0), axis=0))
             self.active = active if self.active is None else self.active | active
             if self.null is not None and kernel_input is not None:
                 null_active = null_active_units(self.null, kernel_input)
@@ -59,7 +59,8 @@ class SiteStats:
                     null_active if previous is None else previous | null_active
                 )
         else:
-            derivative = derivative_from_outputs(flat.numpy(), self.site.activation)
+            outputs = ops.convert_to_numpy(flat)
+            derivative = derivative_from_outputs(outputs, self.site.activation)
             self.saturated += int(np.count_nonzero(derivative < DERIVATIVE_THRESHOLD))
             self.total += int(derivative.size)
 
