@@ -1,16 +1,26 @@
-"""GradientClipping and its pure clipping functions: exact numbers, real fits, bad input."""
+"""GradientClipping and its pure clipping functions: exact numbers, real fits, bad input.
+
+The tests run on TensorFlow and JAX; those of TensorFlow's own features (sparse
+`tf.IndexedSlices` gradients, `tf.distribute`) say so in their marker. On JAX the
+applied gradient of each step (`-Δw / lr` under SGD) is checked against the clipped
+`jax.grad` of the same loss at the same weights.
+"""
 
 import copy
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kgrad
 from kgrad.control import clipping_functions as clip
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 BATCH = 32
+SPARSE = "tf.IndexedSlices: sparse gradients exist on TensorFlow only"
 
 
 # -- an exploding setup ----------------------------------------------------------------
@@ -92,8 +102,12 @@ def test_every_mode_trains_the_exploding_setup(mode):
 # -- pure functions ---------------------------------------------------------------------
 
 
+def _tensor(value):
+    return keras.ops.convert_to_tensor(np.asarray(value, "float32"))
+
+
 def test_global_norm_clip_matches_hand_numbers_and_is_idempotent():
-    grads = [tf.constant([[3.0, 0.0], [0.0, 4.0]]), None, tf.constant([12.0])]
+    grads = [_tensor([[3.0, 0.0], [0.0, 4.0]]), None, _tensor([12.0])]
     clipped, norm, hit = clip.clip_by_global_norm(grads, 6.5)
     assert float(norm) == pytest.approx(13.0)
     assert bool(hit)
@@ -110,7 +124,10 @@ def test_global_norm_clip_matches_hand_numbers_and_is_idempotent():
     np.testing.assert_array_equal(under[0], grads[0])  # untouched, bit for bit
 
 
+@pytest.mark.backends("tensorflow", reason=SPARSE)
 def test_global_norm_clip_scales_sparse_values():
+    import tensorflow as tf
+
     sparse = tf.IndexedSlices(
         tf.constant([[3.0, 4.0]]), tf.constant([1], tf.int64), tf.constant([3, 2], tf.int64)
     )
@@ -121,7 +138,7 @@ def test_global_norm_clip_scales_sparse_values():
 
 
 def test_group_norm_clips_each_group_on_its_own():
-    grads = [tf.constant([3.0]), tf.constant([4.0]), tf.constant([0.5]), None]
+    grads = [_tensor([3.0]), _tensor([4.0]), _tensor([0.5]), None]
     clipped, hit = clip.clip_by_group_norm(grads, [[0, 1], [2, 3]], 1.0)
     assert bool(hit)
     np.testing.assert_allclose([float(clipped[0][0]), float(clipped[1][0])], [0.6, 0.8])
@@ -129,10 +146,19 @@ def test_group_norm_clips_each_group_on_its_own():
     assert clipped[3] is None
 
 
-def test_value_clip_sums_repeated_sparse_rows_first():
-    dense, hit = clip.clip_by_value([tf.constant([-3.0, 0.25, 2.0])], 1.0)
-    assert bool(hit)
+def test_value_clip_bounds_every_entry():
+    dense, hit = clip.clip_by_value([_tensor([-3.0, 0.25, 2.0]), None], 1.0)
+    assert bool(hit) and dense[1] is None
     np.testing.assert_array_equal(dense[0], [-1.0, 0.25, 1.0])
+    under, hit = clip.clip_by_value([_tensor([-0.5, 0.25])], 1.0)
+    assert not bool(hit)
+    np.testing.assert_array_equal(under[0], [-0.5, 0.25])
+
+
+@pytest.mark.backends("tensorflow", reason=SPARSE)
+def test_value_clip_sums_repeated_sparse_rows_first():
+    import tensorflow as tf
+
     sparse = tf.IndexedSlices(
         tf.constant([[0.75], [0.75], [-0.5]]),
         tf.constant([2, 2, 0], tf.int64),
@@ -149,21 +175,21 @@ def test_value_clip_sums_repeated_sparse_rows_first():
 @pytest.mark.parametrize("count", [1, 2, 7, 20])
 def test_percentile_matches_numpy_linear(q, count):
     values = np.random.default_rng(count).lognormal(size=20).astype("float32")
-    got = float(clip.percentile(tf.constant(values), count, q))
+    got = float(clip.percentile(_tensor(values), count, q))
     np.testing.assert_allclose(got, np.percentile(values[:count], q), rtol=1e-6)
 
 
 def test_unitwise_norm_follows_keras_kernel_layouts():
     dense = np.arange(6, dtype="float32").reshape(3, 2)  # (in, out)
     np.testing.assert_allclose(
-        clip.unitwise_norm(tf.constant(dense)), [np.linalg.norm(dense, axis=0)], rtol=1e-6
+        clip.unitwise_norm(_tensor(dense)), [np.linalg.norm(dense, axis=0)], rtol=1e-6
     )
     conv = np.random.default_rng(0).normal(size=(3, 3, 2, 4)).astype("float32")  # HWIO
     expected = np.sqrt((conv**2).sum(axis=(0, 1, 2)))
-    got = clip.unitwise_norm(tf.constant(conv))
-    assert got.shape == (1, 1, 1, 4)
+    got = clip.unitwise_norm(_tensor(conv))
+    assert tuple(got.shape) == (1, 1, 1, 4)
     np.testing.assert_allclose(np.ravel(got), expected, rtol=1e-6)
-    np.testing.assert_array_equal(clip.unitwise_norm(tf.constant([-2.0, 3.0])), [2.0, 3.0])
+    np.testing.assert_array_equal(clip.unitwise_norm(_tensor([-2.0, 3.0])), [2.0, 3.0])
 
 
 @pytest.mark.parametrize("fused", [True, False])  # EuclideanNorm, or XLA's ops
@@ -173,14 +199,14 @@ def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly(fused)
     grad = np.array([[0.03, 1.0, 0.005], [0.04, 0.0, 0.5]], "float32")
     bias_w, bias_g = np.array([2.0, 0.0], "float32"), np.array([0.01, -0.5], "float32")
     clipped, hit = clip.adaptive_clip(
-        [tf.constant(grad), tf.constant(bias_g)],
-        [tf.constant(weight), tf.constant(bias_w)],
+        [_tensor(grad), _tensor(bias_g)],
+        [_tensor(weight), _tensor(bias_w)],
         ratio=0.02,
         epsilon=1e-3,
         fused=fused,
     )
     assert bool(hit)
-    clipped_kernel = clipped[0].numpy()
+    clipped_kernel = keras.ops.convert_to_numpy(clipped[0])
     # unit 0: 0.05 / 5 = 0.01 ≤ 0.02: untouched
     np.testing.assert_array_equal(clipped_kernel[:, 0], grad[:, 0])
     # unit 1: zero weights count as ε: rescaled to norm 0.02 · 1e-3
@@ -193,15 +219,15 @@ def test_agc_leaves_small_units_untouched_and_rescales_the_others_exactly(fused)
     # bias, elementwise: 0.01/2 = 0.005 kept; -0.5 against ε → -0.02·1e-3
     np.testing.assert_allclose(clipped[1], [0.01, -2e-5], rtol=1e-5)
     skipped, _ = clip.adaptive_clip(
-        [tf.constant(grad)], [tf.constant(weight)], 0.02, skip=[True]
+        [_tensor(grad)], [_tensor(weight)], 0.02, skip=[True]
     )
     np.testing.assert_array_equal(skipped[0], grad)
 
 
 def test_agc_on_tensors_of_one_shape_equals_agc_on_each_alone():
     rng = np.random.default_rng(1)
-    weights = [tf.constant(rng.normal(size=(4, 3)), tf.float32) for _ in range(3)]
-    grads = [tf.constant(rng.normal(size=(4, 3)) * s, tf.float32) for s in (0.01, 1, 10)]
+    weights = [_tensor(rng.normal(size=(4, 3))) for _ in range(3)]
+    grads = [_tensor(rng.normal(size=(4, 3)) * s) for s in (0.01, 1, 10)]
     together, _ = clip.adaptive_clip(grads, weights, 0.1)
     for grad, weight, clipped in zip(grads, weights, together):
         (alone,), _ = clip.adaptive_clip([grad], [weight], 0.1)
@@ -209,26 +235,30 @@ def test_agc_on_tensors_of_one_shape_equals_agc_on_each_alone():
     np.testing.assert_array_equal(together[0], grads[0])  # all its units under λ
 
 
-def test_agc_handles_conv_kernels_scalars_and_sparse_gradients():
+def test_agc_handles_conv_kernels_and_scalars():
     rng = np.random.default_rng(2)
     conv_w = rng.normal(size=(2, 2, 3, 4)).astype("float32")
     conv_g = (rng.normal(size=(2, 2, 3, 4)) * [0.01, 1.0, 0.01, 5.0]).astype("float32")
-    sparse = tf.IndexedSlices(
-        tf.constant([[1.0, 0.0, 0.0]]), tf.constant([4], tf.int64),
-        tf.constant([5, 3], tf.int64),
-    )
-    table = np.ones((5, 3), "float32")
     clipped, _ = clip.adaptive_clip(
-        [tf.constant(conv_g), tf.constant(1.0), sparse],
-        [tf.constant(conv_w), tf.constant(2.0), tf.constant(table)],
-        0.1,
+        [_tensor(conv_g), _tensor(1.0)], [_tensor(conv_w), _tensor(2.0)], 0.1
     )
     w_norm = np.sqrt((conv_w**2).sum(axis=(0, 1, 2)))
     g_norm = np.sqrt((conv_g**2).sum(axis=(0, 1, 2)))
     expected = conv_g * np.minimum(1.0, 0.1 * w_norm / g_norm)
     np.testing.assert_allclose(clipped[0], expected, rtol=1e-5)
     assert float(clipped[1]) == pytest.approx(0.2)  # |g| = 1 > 0.1 · |w| = 0.2
-    dense = clipped[2].numpy()  # column 0 of the table has norm √5
+
+
+@pytest.mark.backends("tensorflow", reason=SPARSE)
+def test_agc_makes_sparse_gradients_dense():
+    import tensorflow as tf
+
+    sparse = tf.IndexedSlices(
+        tf.constant([[1.0, 0.0, 0.0]]), tf.constant([4], tf.int64),
+        tf.constant([5, 3], tf.int64),
+    )
+    clipped, _ = clip.adaptive_clip([sparse], [tf.constant(np.ones((5, 3), "float32"))], 0.1)
+    dense = clipped[0].numpy()  # column 0 of the table has norm √5
     np.testing.assert_allclose(dense[4], [0.1 * np.sqrt(5), 0.0, 0.0], rtol=1e-6)
     assert np.count_nonzero(dense) == 1
 
@@ -267,14 +297,17 @@ def test_logger_every_n_steps_records_pre_and_post_clip_norms():
     assert (per_variable.clipped_grad_norm <= per_variable.grad_norm + 1e-6).all()
 
 
+class CountingClipping(kgrad.GradientClipping):
+    """Counts the traces of its transform: its Python runs only while tracing."""
+
+    traces = 0
+
+    def _transform(self, context, gradients):
+        self.traces += 1
+        return super()._transform(context, gradients)
+
+
 def test_threshold_changes_mid_training_without_a_retrace():
-    traces = []
-
-    class CountingClipping(kgrad.GradientClipping):
-        def _transform(self, context, gradients):
-            traces.append(1)  # Python runs only while tracing
-            return super()._transform(context, gradients)
-
     clipping = CountingClipping("global_norm", threshold=1.0)
     functions = []
 
@@ -288,13 +321,13 @@ def test_threshold_changes_mid_training_without_a_retrace():
 
     logger = kgrad.GradientNormLogger()
     _fit(_exploding_model(), [logger, clipping, Lower()], epochs=2)
-    traces_after_first_epoch = len(traces)
+    traces_after_first_epoch = clipping.traces
     assert traces_after_first_epoch >= 1
     assert functions[0] is functions[1]
     post = _clipped_global(logger).reshape(2, -1)
     assert (post[0] > 0.25 + 1e-3).any() and (post[0] <= 1.0 + 1e-5).all()
     assert (post[1] <= 0.25 + 1e-5).all()
-    assert len(traces) == traces_after_first_epoch
+    assert clipping.traces == traces_after_first_epoch
 
 
 def test_autoclip_threshold_is_the_percentile_of_the_recorded_history():
@@ -339,25 +372,48 @@ def test_layer_norm_bounds_every_layer():
     np.testing.assert_allclose(per_layer.post, np.minimum(per_layer.pre, 0.5), rtol=1e-5)
 
 
-class StepUpdates(keras.callbacks.Callback):
-    """Records each step's weight change, layer by layer: under SGD, -lr × the applied
-    gradient."""
+class StepWeights(keras.callbacks.Callback):
+    """Records the trainable weights before and after each step (on JAX, reading
+    `self.model` writes the step's state back to the variables first)."""
 
     def on_train_begin(self, logs=None):
-        self.updates = []
+        self.before, self.after = [], []
+
+    def _weights(self):
+        return [np.array(v.numpy()) for v in self.model.trainable_variables]
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._before = [layer.get_weights() for layer in self.model.layers]
+        self.before.append(self._weights())
 
     def on_train_batch_end(self, batch, logs=None):
-        self.updates.append([
-            [after - before for after, before in zip(layer.get_weights(), weights)]
-            for layer, weights in zip(self.model.layers, self._before)
-        ])
+        self.after.append(self._weights())
+
+    def applied(self, learning_rate):
+        """Per step, the gradient SGD applied to each variable: -Δw / lr."""
+        return [
+            [(b - a) / learning_rate for a, b in zip(after, before)]
+            for before, after in zip(self.before, self.after)
+        ]
 
 
 def _norm(arrays):
     return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+
+
+def _layer_of(model):
+    """The index of the layer of each trainable variable, in `trainable_variables`
+    order."""
+    owner = {
+        id(v): i for i, layer in enumerate(model.layers) for v in layer.trainable_variables
+    }
+    return [owner[id(v)] for v in model.trainable_variables]
+
+
+def _per_layer(arrays, layer_of):
+    groups = {}
+    for array, layer in zip(arrays, layer_of):
+        groups.setdefault(layer, []).append(array)
+    return list(groups.values())
 
 
 @pytest.mark.parametrize("mode", kgrad.control.CLIP_MODES)
@@ -367,21 +423,183 @@ def test_every_mode_compiles_with_xla(mode):
     model = _exploding_model()
     model.compile(keras.optimizers.SGD(0.3), loss="mse", jit_compile=True)
     clipping = kgrad.GradientClipping(mode, threshold=_THRESHOLDS.get(mode))
-    updates = StepUpdates()
-    losses = _fit(model, [clipping, updates], epochs=2).history["loss"]
+    weights = StepWeights()
+    losses = _fit(model, [clipping, weights], epochs=2).history["loss"]
     assert np.isfinite(losses).all()
     assert 0.0 < clipping.clipped_fraction <= 1.0
-    steps = updates.updates
+    steps = weights.applied(1.0)  # -Δw: lr × the applied gradient
     assert len(steps) == 2 * 256 // BATCH
     bound = 0.3 * (clipping.threshold if mode != "autoclip" else np.inf) * (1 + 1e-4)
+    layer_of = _layer_of(model)
     if mode == "global_norm":
-        assert max(_norm([u for layer in step for u in layer]) for step in steps) <= bound
+        assert max(_norm(step) for step in steps) <= bound
     if mode == "layer_norm":
-        assert max(_norm(layer) for step in steps for layer in step) <= bound
+        assert max(_norm(layer) for s in steps for layer in _per_layer(s, layer_of)) <= bound
     if mode == "value":
-        assert max(np.abs(u).max() for step in steps for layer in step for u in layer) <= bound
+        assert max(np.abs(u).max() for step in steps for u in step) <= bound
 
 
+# -- on JAX: the applied gradient equals the clipped jax.grad -------------------------
+
+
+def _jax_gradients(model, weights, x, y):
+    """`jax.grad` of the model's mean squared error at `weights` on `(x, y)`."""
+    import jax
+    import jax.numpy as jnp
+
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable):
+        y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+        return jnp.mean(jnp.square(y_pred - y))
+
+    return [np.asarray(g) for g in jax.grad(loss)([jnp.asarray(w) for w in weights])]
+
+
+def _scaled(gradients, threshold):
+    norm = _norm(gradients)
+    return [g * min(1.0, threshold / norm) for g in gradients]
+
+
+def _unit_norms(value):
+    if value.ndim <= 1:
+        return np.abs(value)
+    return np.sqrt(np.square(value).sum(axis=tuple(range(value.ndim - 1))))
+
+
+def _expected_clip(mode, gradients, weights, layer_of, threshold, norms_so_far):
+    """What GradientClipping must hand SGD, in NumPy (its defaults otherwise)."""
+    if mode == "global_norm":
+        return _scaled(gradients, threshold)
+    if mode == "layer_norm":
+        return [g for layer in _per_layer(gradients, layer_of) for g in _scaled(layer, threshold)]
+    if mode == "value":
+        return [np.clip(g, -threshold, threshold) for g in gradients]
+    if mode == "autoclip":  # the 10th percentile of the global norms, this one included
+        return _scaled(gradients, np.percentile(norms_so_far, 10.0))
+    final = max(layer_of)
+    clipped = []
+    for g, w, layer in zip(gradients, weights, layer_of):
+        if layer == final:  # exclude_final_layer=True
+            clipped.append(g)
+            continue
+        limit = np.maximum(_unit_norms(w), 1e-3) * threshold
+        clipped.append(g * np.minimum(1.0, limit / np.maximum(_unit_norms(g), 1e-6)))
+    return clipped
+
+
+def _check_applied(model, recorder, x, y, mode, thresholds, learning_rate, batch):
+    """Every step applied the clipped `jax.grad` at its weights (-Δw / lr under SGD)."""
+    layer_of = _layer_of(model)
+    norms_so_far = []
+    applied = recorder.applied(learning_rate)
+    assert len(applied) == len(thresholds)
+    for step, (weights, got, threshold) in enumerate(
+        zip(recorder.before, applied, thresholds)
+    ):
+        start = (step * batch) % len(x)
+        gradients = _jax_gradients(model, weights, x[start : start + batch], y[start : start + batch])
+        norms_so_far.append(_norm(gradients))
+        expected = _expected_clip(mode, gradients, weights, layer_of, threshold, norms_so_far)
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6, err_msg=f"step {step}")
+        if mode == "global_norm":
+            assert _norm(got) <= threshold * (1 + 1e-3)
+        if mode == "value":
+            assert max(np.abs(g).max() for g in got) <= threshold * (1 + 1e-3)
+    return norms_so_far
+
+
+_JAX_THRESHOLDS = {"global_norm": 1.0, "layer_norm": 0.5, "value": 0.1, "agc": 0.01}
+
+
+@pytest.mark.backends("jax", reason="the reference gradients are jax.grad")
+@pytest.mark.parametrize("mode", kgrad.control.CLIP_MODES)
+def test_every_mode_applies_the_clipped_jax_grad(mode):
+    x, y = _exploding_data()
+    lr, batch = 0.1, 64
+    model = _exploding_model(learning_rate=lr)
+    clipping = kgrad.GradientClipping(mode, threshold=_JAX_THRESHOLDS.get(mode))
+    recorder = StepWeights()
+    model.fit(x, y, batch_size=batch, epochs=2, shuffle=False, verbose=0,
+              callbacks=[clipping, recorder])
+    steps = 2 * len(x) // batch
+    threshold = _JAX_THRESHOLDS.get(mode)
+    norms = _check_applied(model, recorder, x, y, mode, [threshold] * steps, lr, batch)
+    assert clipping.clipped_fraction > 0.0
+    if mode == "autoclip":
+        np.testing.assert_allclose(clipping.history(), norms, rtol=1e-4)
+        assert clipping.threshold == pytest.approx(np.percentile(norms, 10.0), rel=1e-4)
+    if mode in ("global_norm", "autoclip"):  # clipped: exactly the steps above c
+        limits = [threshold] * steps if mode == "global_norm" else [
+            np.percentile(norms[: i + 1], 10.0) for i in range(steps)
+        ]
+        expected = np.mean([n > c * (1 + 1e-6) for n, c in zip(norms, limits)])
+        assert clipping.clipped_fraction == pytest.approx(expected)
+
+
+@pytest.mark.backends("jax", reason="the reference gradients are jax.grad")
+def test_threshold_set_between_fits_and_mid_epoch_needs_no_retrace():
+    class LowerAfterStep(keras.callbacks.Callback):
+        def __init__(self, step, value):
+            super().__init__()
+            self.step, self.value = step, value
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == self.step:
+                clipping.threshold = self.value
+
+    x, y = _exploding_data()
+    lr, batch = 0.1, 64  # 4 steps per epoch
+    model = _exploding_model(learning_rate=lr)
+    clipping = CountingClipping("global_norm", threshold=1.0)
+    recorder = StepWeights()
+    fit = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    model.fit(x, y, callbacks=[clipping, recorder], **fit)
+    _check_applied(model, recorder, x, y, "global_norm", [1.0] * 4, lr, batch)
+    function, traced = model.train_function, clipping.traces
+    assert traced >= 1
+
+    clipping.threshold = 0.2  # between fits
+    # First, so that the recorder's read of the model (a sync of JAX's state) comes
+    # after the change: a plain `assign` would be overwritten by it.
+    model.fit(x, y, callbacks=[LowerAfterStep(1, 0.05), clipping, recorder], **fit)
+    # Steps 0 and 1 at 0.2; set after step 1, 0.05 holds from step 2 on.
+    _check_applied(model, recorder, x, y, "global_norm", [0.2, 0.2, 0.05, 0.05], lr, batch)
+    assert clipping.traces == traced and model.train_function is function
+    assert clipping.threshold == 0.05
+
+
+def _saved_weights(model, path):
+    """The paths of every array in the saved `.keras` file (model and optimizer)."""
+    model.save(path)
+    names = []
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as file:
+        with h5py.File(file, "r") as weights:
+            weights.visititems(lambda name, item: names.append(name)
+                               if isinstance(item, h5py.Dataset) else None)
+    return sorted(names)
+
+
+@pytest.mark.parametrize("mode", ["global_norm", "autoclip"])
+def test_saved_model_is_unchanged_after_a_fit_with_clipping(mode, tmp_path):
+    plain, clipped = _exploding_model(), _exploding_model()
+    _fit(plain, [], epochs=1)
+    _fit(clipped, [kgrad.GradientClipping(mode), kgrad.GradientNormLogger()], epochs=1)
+    assert len(clipped.optimizer.variables) == len(plain.optimizer.variables)
+    assert not [v.path for v in clipped.optimizer.variables if "kgrad" in v.path]
+    names = _saved_weights(clipped, tmp_path / "clipped.keras")
+    assert names == _saved_weights(plain, tmp_path / "plain.keras")
+    loaded = keras.models.load_model(tmp_path / "clipped.keras")
+    for a, b in zip(loaded.get_weights(), clipped.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.backends(
+    "tensorflow",
+    reason="on JAX the LossScaleOptimizer's stateless_apply calls its inner optimizer, "
+    "not `apply`: the step hook does not see that step yet",
+)
 def test_clipping_under_mixed_precision_acts_on_unscaled_gradients():
     keras.mixed_precision.set_global_policy("mixed_float16")
     model = _exploding_model()
@@ -397,6 +615,7 @@ def test_clipping_under_mixed_precision_acts_on_unscaled_gradients():
     assert not finite.all() and not np.isfinite(post[~finite]).any()
 
 
+@pytest.mark.backends("tensorflow", reason="tf.distribute.MirroredStrategy")
 def test_clipping_under_mirrored_strategy_clips_the_aggregated_gradient(strategy_of):
     with strategy_of(2).scope():
         model = _exploding_model()
@@ -462,6 +681,9 @@ def test_loss_scale_optimizer_inner_clipping_is_rejected():
         _fit(model, [kgrad.GradientClipping()], epochs=1)
 
 
+@pytest.mark.backends(
+    "tensorflow", reason="the custom train_step is written with tf.GradientTape"
+)
 def test_a_train_step_that_bypasses_the_optimizer_is_reported():
     from test_gradient_norm_logger import CustomLoopNet  # updates without the optimizer
 

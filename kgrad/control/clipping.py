@@ -50,6 +50,13 @@ class GradientClipping(KgradCallback):
     a variable, so `clipping.threshold = 0.5` takes effect at the next step without a
     retrace (the optimizer's `clipnorm` is frozen when the step is traced).
 
+    Backends: TensorFlow (with XLA, `tf.distribute` and mixed precision) and JAX,
+    where the variables are optimizer state while the hook is installed (they
+    travel in the jitted step's returned state and leave saved models unchanged); a
+    threshold set in the middle of a JAX epoch first writes the step's state back
+    to the model, so the next step uses it. Each clipped optimizer has variables of
+    its own, and in `autoclip` a history of its own gradient norms.
+
     Modes:
 
     - `global_norm`: g ← g·min(1, c/‖g‖) over all gradients together.
@@ -347,7 +354,8 @@ class GradientClipping(KgradCallback):
             clipped, hit = clip.clip_by_value(gradients, threshold)
         elif mode == "autoclip":
             norm = clip.gradients_global_norm(gradients)
-            threshold = part.history.record_and_percentile(norm, hook.read(part.percentile))
+            percentile = hook.read(part.percentile)
+            threshold = part.history.record_and_percentile(norm, percentile)
             part.current_threshold.assign(threshold)
             clipped, _, hit = clip.clip_by_global_norm(gradients, threshold, norm)
         else:

@@ -2,9 +2,10 @@
 
 Each function takes a list of gradients aligned with the variables (entries may be
 `None`, for a variable without a gradient, or, on TensorFlow, `tf.IndexedSlices`
-from `Embedding` layers, handled through `kgrad.backend`) and returns the clipped list with the same structure, plus a scalar boolean
-tensor that says whether anything was clipped. They hold no state: the callback
-`GradientClipping` owns the thresholds (in variables) and the AutoClip history.
+from `Embedding` layers, handled through `kgrad.backend`) and returns the clipped
+list with the same structure, plus a scalar boolean tensor that says whether anything
+was clipped. They hold no state: the callback `GradientClipping` owns the thresholds
+(in variables) and the AutoClip history.
 
 Every norm is computed in float32 and every result cast back to the gradient's dtype.
 """
