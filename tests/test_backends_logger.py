@@ -266,7 +266,6 @@ def test_overflowing_squares_are_recorded_finite():
 
 UNPORTED = {
     "GradientHealthMonitor": lambda: kgrad.GradientHealthMonitor(),
-    "GradientClipping": lambda: kgrad.GradientClipping("global_norm", threshold=1.0),
     "GradientNormLogger(probe_data=...)": lambda: kgrad.GradientNormLogger(
         probe_data=_data()
     ),

@@ -277,7 +277,6 @@ def test_deepcopy_before_and_after_fit_trains_and_resets():
     assert after.stop_reason is None  # per-run state was reset
 
 
-@pytest.mark.backends("tensorflow", reason="GradientClipping is not ported to JAX yet")
 def test_all_control_callbacks_compose_with_the_logger_and_keras_tuner(tmp_path):
     x, y = _data(n=64)
 
