@@ -96,7 +96,6 @@ def test_attention_scores_are_judged_by_their_own_movement():
     assert slow.evidence["median_ratio"] == pytest.approx(1e-3)
 
 
-@pytest.mark.backends("tensorflow", reason="GradientHealthMonitor not ported to JAX yet")
 def test_the_monitor_does_not_call_slow_attention_scores_stalled():
     # Plain SGD: the query and key updates are as small as their gradients.
     model = _transformer_block()

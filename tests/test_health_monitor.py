@@ -1,15 +1,17 @@
 """GradientHealthMonitor: detectors during fit, warned once, values in logs."""
 
+import contextlib
 import copy
 import warnings
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kgrad
 from kgrad.callbacks.gradient_health_monitor import GradientHealthWarning
+
+pytestmark = pytest.mark.backends("tensorflow", "jax")
 
 HEALTH_KEYS = {
     "health/decay",
@@ -405,7 +407,18 @@ def test_report_before_training_raises():
         kgrad.GradientHealthMonitor().report()
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize(
+    "replicas",
+    [
+        1,
+        pytest.param(
+            2,
+            marks=pytest.mark.backends(
+                "tensorflow", reason="a tf.distribute.MirroredStrategy"
+            ),
+        ),
+    ],
+)
 def test_probe_statistics_match_numpy(replicas, strategy_of):
     # The probe computes everything on the device, in one compiled call (raw reads of
     # plain variables, the public path for mirrored ones): it must give the
@@ -413,7 +426,8 @@ def test_probe_statistics_match_numpy(replicas, strategy_of):
     from kgrad.diagnosis.unit_probe import UnitProbe
 
     x, _ = _data(64)
-    with strategy_of(replicas).scope():
+    scope = strategy_of(replicas).scope() if replicas > 1 else contextlib.nullcontext()
+    with scope:
         model = _dead_net(dead=3, width=8)
     probe = UnitProbe(model, kgrad.track_variables(model), x)
     rng = np.random.default_rng(1)
@@ -467,11 +481,13 @@ def test_probes_take_the_probe_set_a_batch_at_a_time_in_turn():
     )
 
 
+@pytest.mark.backends("tensorflow", reason="Grappler's rewrites are TensorFlow's")
 def test_probe_calls_skip_graph_rewrites_and_restore_the_options():
+    import tensorflow as tf
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context
 
-    from kgrad.diagnosis.unit_probe import plain_function_calls
+    from kgrad.backend.tensorflow import plain_function_calls
 
     def rewrites_disabled():
         serialized = context.context().function_call_options.config_proto_serialized
@@ -525,3 +541,39 @@ def test_probes_with_steps_per_execution_follow_the_steps_that_ran():
     dead = [f for f in monitor.findings if f.kind == "dead_units"]
     assert [f.step for f in dead] == [7]
     assert dead[0].evidence["dead_units"] == {"d1": 6}
+
+
+def test_a_probe_in_the_middle_of_an_epoch_reads_the_weights_of_that_step():
+    # One probe, after step 0 of four (the next due one would be after step 999): its
+    # weight norms and movement are those of the weights after exactly one SGD step,
+    # not of the epoch's start or end (on JAX the variables hold neither mid-epoch:
+    # the probe reads the state the last step returned).
+    x, y = _data(64)
+    model = _dead_net(dead=0, width=8)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    initial = model.get_weights()
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=x, probe_every_n_steps=1000, verbose=0, max_judge_share=None
+    )
+    model.fit(
+        x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor]
+    )
+    assert monitor.unit_health.probes == 1
+    once = _dead_net(dead=0, width=8)
+    once.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    once.set_weights(initial)
+    once.fit(x[:16], y[:16], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    after, final = once.get_weights(), model.get_weights()
+    for layer, pair in zip(["d0", "d1", "out"], ((0, 1), (2, 3), (4, 5))):
+        norm = np.sqrt(sum(np.sum(after[i].astype(float) ** 2) for i in pair))
+        moved = np.sqrt(
+            sum(np.sum((after[i] - initial[i]).astype(float) ** 2) for i in pair)
+        )
+        moved_by_fit = np.sqrt(
+            sum(np.sum((final[i] - initial[i]).astype(float) ** 2) for i in pair)
+        )
+        assert moved_by_fit > 1.2 * moved  # the epoch's end is told apart
+        assert monitor.unit_health.weight_norms[layer] == pytest.approx(norm, rel=1e-5)
+        assert monitor.unit_health.update_ratios[layer] == pytest.approx(
+            moved / norm, rel=1e-4
+        )

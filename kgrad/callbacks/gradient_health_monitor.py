@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
 from kgrad.capture.probe import check_probe_data
@@ -273,7 +272,6 @@ class GradientHealthMonitor(KgradCallback):
     # -- callback hooks ---------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        backend.require("GradientHealthMonitor")
         model = self.model
         check_trainable(model)
         self._notes = []
@@ -326,8 +324,13 @@ class GradientHealthMonitor(KgradCallback):
         if model_is_built(model):
             self._start_probes()
 
-    def _start_probes(self) -> None:
-        """Makes the probe and the unit statistics: once the model is built."""
+    def _start_probes(self, first_step: int | None = None) -> None:
+        """Makes the probe and the unit statistics: once the model is built.
+
+        Args:
+            first_step: The first step the unit statistics cover. Defaults to
+                `None`: the step after the epoch's last finished one.
+        """
         model = self.model
         x = self._probe_inputs()
         if x is not None:
@@ -354,7 +357,11 @@ class GradientHealthMonitor(KgradCallback):
             self._probe.site_infos,
             self._probe.layers,
             self.dead_after_probes,
-            first_step=self._epoch_first_step + self._batches_done,
+            first_step=(
+                self._epoch_first_step + self._batches_done
+                if first_step is None
+                else first_step
+            ),
         )
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -367,15 +374,18 @@ class GradientHealthMonitor(KgradCallback):
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         # The probe after step s runs before step s + 1, on the main thread: in
         # Keras's asynchronous batch-end thread it would compete with the training
-        # step for the weights and the cores (measured: 3x its own cost).
+        # step for the weights and the cores (measured: 3x its own cost), and on JAX
+        # it would read the state that step s + 1 donates.
         self._batches_begun = batch + 1
+        if batch > 0 and self._probe is None:  # a model built by its first step
+            self._start_probes(first_step=self._epoch_first_step + batch)
         if batch > 0 and self._probe is not None:
             self._probe_if_due(self._epoch_first_step + batch - 1)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Async-safe: nothing here reads the model (on JAX that syncs the state the
+        # next step is donating).
         self._batches_done = batch + 1
-        if self._probe is None:  # a model built by its first step is built now
-            self._start_probes()
         if self._own_logger is not None:
             self._own_logger.on_train_batch_end(batch, logs)
 
@@ -383,6 +393,8 @@ class GradientHealthMonitor(KgradCallback):
         self._trained_seconds += time.perf_counter() - self._epoch_start
         if self._own_logger is not None:
             self._own_logger.on_epoch_end(epoch, logs)
+        if self._batches_begun and self._probe is None:  # built by its only step
+            self._start_probes()
         if self._batches_begun and self._probe is not None:
             # The probe due after the epoch's last step.
             last = self._epoch_first_step + self._batches_done - 1

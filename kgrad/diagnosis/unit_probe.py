@@ -4,24 +4,22 @@ Called every `probe_every_n_steps` steps by `GradientHealthMonitor`, it (a) pass
 batch of probe examples through a functional sub-model (the probe set in turn, a batch
 at a time), returning which ReLU-family units fired and the saturated fraction of each
 sigmoid/tanh site, and (b) measures ‖w − w_prev‖ and ‖w‖ per layer against a device
-copy of the weights taken at the previous probe. Both happen in one call that returns a few small tensors, read at
-`decode` (at the end of the epoch).
+copy of the weights taken at the previous probe. Both happen in one call, compiled by
+the backend (`UnitStatistics`: a `tf.function`, or `jax.jit` at the current step's
+weights), that returns a few small tensors, read at `decode` (at the end of the epoch).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2
-from tensorflow.python.eager import context as eager_context
-from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
+from keras import ops
 
+from kgrad import backend
 from kgrad.capture.probe import check_forward_pass
 from kgrad.capture.variables import TrackedVariable
 from kgrad.diagnosis.activations import activation_sites
@@ -41,48 +39,6 @@ from kgrad.diagnosis.unit_health import SiteInfo
 PROBE_NULL_UNITS = 256
 
 
-@contextlib.contextmanager
-def plain_function_calls() -> Iterator[None]:
-    """Runs the `tf.function` calls made in this block, on this thread, without
-    Grappler's graph rewrites.
-
-    On a 20-layer MLP the rewrites took ~60 of the ~90 ms of the probe's first run
-    (after its trace; measured), for no measurable gain per call: the probe is a
-    forward pass and a few reductions. The setting is part of the key under
-    which TensorFlow keeps an instantiated function, so every call of one function
-    must use it alike. Where TensorFlow's internals differ, calls run as usual.
-    """
-    try:
-        context = eager_context.context()
-        options = context.function_call_options
-        config = config_pb2.ConfigProto.FromString(options.config_proto_serialized)
-        config.graph_options.rewrite_options.disable_meta_optimizer = True
-        plain = eager_context.FunctionCallOptions(options.executor_type, config)
-    except (AttributeError, TypeError, ValueError):
-        yield
-        return
-    context.function_call_options = plain
-    try:
-        yield
-    finally:
-        context.function_call_options = options
-
-
-def _read_float32(variable: tf.Variable) -> tf.Tensor:
-    """The value of `variable` as float32, in as few traced ops as possible.
-
-    A raw read: the public conversions add reads and identities, and every op traced
-    lengthens the probe's one-off trace (each op costs ~0.1 ms to trace, the weight
-    movement has six per variable). Mirrored variables take the public path.
-    """
-    if isinstance(variable, BaseResourceVariable):
-        handle, dtype = variable.handle, variable.dtype
-        value = tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype)
-    else:
-        value = tf.convert_to_tensor(variable)
-    return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
-
-
 def probe_batches(x: Any, batch_size: int | None) -> list[Any]:
     """`x` cut into batches of `batch_size` examples, taken in turn.
 
@@ -98,17 +54,18 @@ def probe_batches(x: Any, batch_size: int | None) -> list[Any]:
 
     Example:
 
-    >>> [b.numpy().ravel().tolist() for b in probe_batches(np.arange(5.0)[:, None], 2)]
+    >>> batches = probe_batches(np.arange(5.0)[:, None], 2)
+    >>> [keras.ops.convert_to_numpy(b).ravel().tolist() for b in batches]
     [[0.0, 1.0], [2.0, 3.0], [4.0, 0.0]]
     """
     count = int(np.shape(keras.tree.flatten(x)[0])[0])
     if batch_size is None or batch_size >= count:
-        return [keras.tree.map_structure(tf.convert_to_tensor, x)]
+        return [keras.tree.map_structure(ops.convert_to_tensor, x)]
 
     def batch(start: int) -> Any:
         rows = np.arange(start, start + batch_size) % count
         return keras.tree.map_structure(
-            lambda value: tf.convert_to_tensor(np.take(np.asarray(value), rows, axis=0)),
+            lambda value: ops.convert_to_tensor(np.take(np.asarray(value), rows, axis=0)),
             x,
         )
 
@@ -182,87 +139,56 @@ class UnitProbe:
             if self.sites
             else None
         )
-        # The weights at the previous probe stay on the device, one copy per variable:
-        # the update norms are a subtraction and two `L2Loss` per variable, computed
-        # in the same call as the forward pass, where they fill the gaps between its
-        # layers. (One flat copy would take fewer ops to trace but costs more per
-        # probe: a concatenation of every weight and segment sums over them. Host
-        # copies take nothing to trace but cost ~0.6 ms more per probe, 1–2% per
-        # step at one probe every 50 steps: measured.)
+        # The forward pass and the weights' movement since the previous probe, in one
+        # call compiled by the backend (the weights of the previous probe stay on the
+        # device there).
         self._variables = [variable for group in self._groups for variable in group]
-        self._layer_ids = [
-            layer for layer, group in enumerate(self._groups) for _ in group
-        ]
-        self._previous = [
-            tf.Variable(tf.cast(variable.value, tf.float32), trainable=False)
-            for variable in self._variables
-        ]
-        self._copies = {
-            id(variable): copy for variable, copy in zip(self._variables, self._previous)
-        }
+        self._measure = backend.current().UnitStatistics(
+            model,
+            self._statistics,
+            self._variables,
+            [layer for layer, group in enumerate(self._groups) for _ in group],
+        )
         self._batches = [None] if x is None else probe_batches(x, batch_size)
         self._next_batch = 0
-        # Compiled at the first probe. Eager probes cost ~35 ms each on a 20-layer
-        # MLP, a compiled one ~2 ms: running eagerly first would save the one-off
-        # trace only in runs of a dozen probes.
-        self._measure = tf.function(self._statistics, autograph=False)
         # (batch index, kernel inputs) of the last `window` probes.
-        self._recent: collections.deque[tuple[int, list[tf.Tensor]]] = (
-            collections.deque(maxlen=window)
+        self._recent: collections.deque[tuple[int, list[Any]]] = collections.deque(
+            maxlen=window
         )
         self._null_cache: dict[int, tuple[bytes, float]] = {}
 
-    def _statistics(self, x: Any) -> tuple[tf.Tensor, ...]:
-        """The probe in one pass: site statistics, kernel inputs, update norms.
+    def _statistics(self, x: Any) -> tuple[Any, Any, list[Any]]:
+        """The forward part of the probe: site statistics and kernel inputs.
 
         Returns small tensors only (besides the kernel inputs of the null model):
         which units fired at every ReLU-family site, concatenated; the saturated
-        fraction of every sigmoid/tanh site; ‖w − w_prev‖ and ‖w‖ per layer.
+        fraction of every sigmoid/tanh site.
         """
         active, saturated, kernel_inputs = [], [], []
         if self._reader is not None:
             outputs, _ = self._reader(x, training=False)
             kernel_inputs = outputs[len(self.sites) :]
             for site, output in zip(self.sites, outputs):
-                flat = tf.cast(tf.reshape(output, [-1, output.shape[-1]]), tf.float32)
+                flat = ops.cast(ops.reshape(output, (-1, output.shape[-1])), "float32")
                 if site.activation in DEAD_PRONE:
                     # ReLU and ReLU6 outputs are never negative: a unit fired for
                     # some example exactly when its largest output is positive.
-                    active.append(tf.reduce_max(flat, axis=0) > 0)
+                    active.append(ops.max(flat, axis=0) > 0)
                 else:
                     derivative = (
                         flat * (1.0 - flat)
                         if site.activation == "sigmoid"
                         else 1.0 - flat**2
                     )
-                    saturated.append(
-                        tf.reduce_mean(
-                            tf.cast(derivative < DERIVATIVE_THRESHOLD, tf.float32)
-                        )
-                    )
-        delta_halves, weight_halves = [], []
-        for variable, previous in zip(self._variables, self._previous):
-            weight = _read_float32(variable.value)
-            delta_halves.append(tf.raw_ops.L2Loss(t=weight - _read_float32(previous)))
-            weight_halves.append(tf.raw_ops.L2Loss(t=weight))
-            # After the reads above: ops on one resource keep their traced order.
-            tf.raw_ops.AssignVariableOp(resource=previous.handle, value=weight)
-        if delta_halves:
-            delta_norms, weight_norms = (
-                tf.sqrt(2.0 * tf.math.segment_sum(tf.stack(halves), self._layer_ids))
-                for halves in (delta_halves, weight_halves)
-            )
-        else:
-            delta_norms = weight_norms = tf.zeros([0])
+                    below = ops.cast(derivative < DERIVATIVE_THRESHOLD, "float32")
+                    saturated.append(ops.mean(below))
         return (
-            tf.concat(active, 0) if active else tf.zeros([0], tf.bool),
-            tf.stack(saturated) if saturated else tf.zeros([0]),
+            ops.concatenate(active, 0) if active else ops.zeros((0,), "bool"),
+            ops.stack(saturated) if saturated else ops.zeros((0,)),
             list(kernel_inputs),
-            delta_norms,
-            weight_norms,
         )
 
-    def __call__(self) -> tuple[tf.Tensor, ...]:
+    def __call__(self) -> tuple[Any, ...]:
         """Runs the probe.
 
         One compiled call computes everything on the device and returns small
@@ -273,10 +199,8 @@ class UnitProbe:
         """
         index = self._next_batch
         self._next_batch = (index + 1) % len(self._batches)
-        with plain_function_calls():
-            active, saturated, kernel_inputs, deltas, weights = self._measure(
-                self._batches[index]
-            )
+        forward, deltas, weights = self._measure(self._batches[index])
+        active, saturated, kernel_inputs = forward
         if kernel_inputs:
             self._recent.append((index, kernel_inputs))
         return active, saturated, deltas, weights
@@ -286,7 +210,7 @@ class UnitProbe:
         """How many batches the probe set is cut into (1 when it is probed whole)."""
         return len(self._batches)
 
-    def null_inputs(self, index: int) -> tf.Tensor | None:
+    def null_inputs(self, index: int) -> Any | None:
         """The kernel inputs of null site `index` (a position in the sites) on the
         examples of the last `window` probes: each batch once, as last probed (the
         examples a dead unit was silent on); `None` before any probe."""
@@ -295,7 +219,7 @@ class UnitProbe:
         if not latest:
             return None
         parts = list(latest.values())
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
 
     @property
     def site_infos(self) -> list[SiteInfo]:
@@ -359,12 +283,12 @@ class UnitProbe:
                 means.append(float("nan"))
                 continue
             # The copy taken at the last probe, which found the units dead.
-            values = np.asarray(self._copies.get(id(bias), bias))
+            values = self._measure.previous(bias)
             means.append(float(np.mean(values[mask])))
         return means
 
     def decode(
-        self, result: tuple[tf.Tensor, ...]
+        self, result: tuple[Any, ...]
     ) -> tuple[list[np.ndarray | None], list[float | None], np.ndarray, np.ndarray]:
         """Unpacks a probe result.
 
