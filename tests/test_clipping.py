@@ -514,11 +514,13 @@ _JAX_THRESHOLDS = {"global_norm": 1.0, "layer_norm": 0.5, "value": 0.1, "agc": 0
 
 
 @pytest.mark.backends("jax", reason="the reference gradients are jax.grad")
+@pytest.mark.parametrize("jit_compile", ["auto", False])  # jitted, or step by step
 @pytest.mark.parametrize("mode", kgrad.control.CLIP_MODES)
-def test_every_mode_applies_the_clipped_jax_grad(mode):
+def test_every_mode_applies_the_clipped_jax_grad(mode, jit_compile):
     x, y = _exploding_data()
     lr, batch = 0.1, 64
     model = _exploding_model(learning_rate=lr)
+    model.compile(keras.optimizers.SGD(lr), loss="mse", jit_compile=jit_compile)
     clipping = kgrad.GradientClipping(mode, threshold=_JAX_THRESHOLDS.get(mode))
     recorder = StepWeights()
     model.fit(x, y, batch_size=batch, epochs=2, shuffle=False, verbose=0,

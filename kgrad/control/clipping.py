@@ -328,8 +328,10 @@ class GradientClipping(KgradCallback):
 
     def _depths(self, context: StepContext) -> tuple[dict[int, int], set[int]]:
         """Layer depth of each variable of the step, and the final layer's variables
-        (the model is built when the step is traced)."""
-        tracked = track_variables(self.model)
+        (the model is built when the step is traced). The hook's model, not
+        `self.model`: on JAX that property writes the step state back to the model,
+        which must not happen inside a step."""
+        tracked = track_variables(self._state.hook.model)
         updated = {id(variable) for variable in context.variables}
         depth = {id(t.variable): t.depth for t in tracked if id(t.variable) in updated}
         final = max(depth.values(), default=-1)
@@ -370,7 +372,7 @@ class GradientClipping(KgradCallback):
                 threshold,
                 self.epsilon,
                 skip,
-                fused=not self.model.jit_compile,  # traced with the step: its setting
+                fused=not hook.model.jit_compile,  # traced with the step: its setting
             )
         hook.increment(part.clipped_steps, ops.cast(hit, hook.backend.INDEX_DTYPE))
         return clipped
