@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 from kgrad.plots.profile import format_factor  # noqa: E402
 from zoo import demo  # noqa: E402
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
@@ -88,6 +90,9 @@ def test_summary_shows_findings_as_text_and_heatmaps_share_a_scale(quick_report)
     assert all("kernel-gradient norm" in ax.get_title() for ax in figure.axes if ax.images)
 
 
+@pytest.mark.backends(
+    "tensorflow", reason="the same code as `run_demo`, tested on each backend above"
+)
 def test_demo_command_line(tmp_path):
     out = tmp_path / "report"
     completed = subprocess.run(
