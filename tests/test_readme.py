@@ -17,8 +17,9 @@ def test_readme_has_the_two_set_up_commands():
     main_job, tests = _setup_commands()
     assert main_job == "pip install . && kgrad demo"
     assert tests == (
-        'pip install ".[test,jax]" && python -m pytest -n 2 '
-        "&& KERAS_BACKEND=jax python -m pytest"
+        'pip install ".[test,jax,torch]" && python -m pytest -n 2 '
+        "&& KERAS_BACKEND=jax python -m pytest -n 2 "
+        "&& KERAS_BACKEND=torch python -m pytest -n 2"
     )
 
 
