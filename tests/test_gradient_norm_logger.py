@@ -1,5 +1,6 @@
 """GradientNormLogger: captured norms equal hand-computed GradientTape norms."""
 
+import contextlib
 import copy
 import glob
 import os
@@ -8,9 +9,12 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 
+import autodiff
 import kgrad
+
+# Unmarked tests run on both; those needing TensorFlow's own machinery say so.
+pytestmark = pytest.mark.backends("tensorflow", "jax")
 
 BATCH = 16
 
@@ -41,21 +45,23 @@ def _compile(model, **kwargs):
 
 
 def _hand_norms(model, x, y, sample_weight=None):
-    """{(layer, variable): [norm per batch]} with GradientTape at the current weights."""
+    """{(layer, variable): [norm per batch]} by the backend's autodiff at the current
+    weights (`tf.GradientTape`, `jax.grad`)."""
     out = {}
     n = len(keras.tree.flatten(x)[0])
     for start in range(0, n, BATCH):
         xb = keras.tree.map_structure(lambda a: a[start : start + BATCH], x)
         yb = y[start : start + BATCH]
         sw = None if sample_weight is None else sample_weight[start : start + BATCH]
-        with tf.GradientTape() as tape:
-            y_pred = model(xb, training=True)
-            loss = model.compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=sw)
-        grads = tape.gradient(loss, model.trainable_variables)
+        _, grads = autodiff.variable_gradients(
+            lambda: model.compute_loss(
+                x=xb, y=yb, y_pred=model(xb, training=True), sample_weight=sw
+            ),
+            model.trainable_variables,
+        )
         for item in kgrad.track_variables(model):
-            grad = tf.convert_to_tensor(grads[item.index])
             out.setdefault((item.layer, item.name), []).append(
-                float(tf.norm(tf.cast(grad, tf.float32)))
+                autodiff.norm(grads[item.index])
             )
     return out
 
@@ -167,6 +173,8 @@ def test_tf_data_and_sample_weights():
     _assert_matches_hand(model, x, y, sample_weight=weights)
 
     expected = _hand_norms(model, x, y)
+    import tensorflow as tf  # tf.data feeds every backend
+
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     logger = kgrad.GradientNormLogger()
     model.fit(dataset, epochs=1, verbose=0, callbacks=[logger])
@@ -219,6 +227,10 @@ def test_layer_patterns_select_layers():
     assert np.all(logged_global.to_numpy() > tracked_only.to_numpy() * (1 + 1e-6))
 
 
+@pytest.mark.backends(
+    "tensorflow",
+    reason="on JAX the step hook does not reach LossScaleOptimizer's inner optimizer yet",
+)
 def test_mixed_float16_norms_are_unscaled():
     x, y = _data()
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -234,6 +246,7 @@ def test_mixed_float16_norms_are_unscaled():
         np.testing.assert_allclose(captured[key], norms, rtol=2e-2, err_msg=str(key))
 
 
+@pytest.mark.backends("tensorflow", reason="a tf.distribute.MirroredStrategy")
 def test_mirrored_strategy_reports_the_aggregated_gradient(strategy_of):
     x, y = _data(n=32)
     single = _compile(_mlp())
@@ -290,7 +303,18 @@ class _WeightsBeforeEachStep(keras.callbacks.Callback):
         )
 
 
-@pytest.mark.parametrize("replicas, jit_compile", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize(
+    "replicas, jit_compile",
+    [
+        (1, False),
+        pytest.param(
+            2,
+            False,
+            marks=pytest.mark.backends("tensorflow", reason="a MirroredStrategy"),
+        ),
+        (1, True),
+    ],
+)
 def test_every_n_steps_records_the_logged_steps_exactly(
     replicas, jit_compile, strategy_of
 ):
@@ -299,7 +323,8 @@ def test_every_n_steps_records_the_logged_steps_exactly(
     x, y = _data(n=96)
     single = _compile(_mlp())
     expected = _hand_norms(single, x, y)  # lr=0: the same weights at every step
-    with strategy_of(replicas).scope():
+    scope = strategy_of(replicas).scope() if replicas > 1 else contextlib.nullcontext()
+    with scope:
         model = _compile(_mlp(), jit_compile=jit_compile)
         model.set_weights(single.get_weights())
     logger = kgrad.GradientNormLogger(every_n_steps=2)
@@ -379,15 +404,50 @@ def test_probe_mode_matches_gradient_tape_on_probe_batch():
     x, y = _data()
     model = _compile(_mlp())
     probe_x, probe_y = x[:8], y[:8]
-    with tf.GradientTape() as tape:
-        loss = model.compute_loss(x=probe_x, y=probe_y, y_pred=model(probe_x))
-    grads = tape.gradient(loss, model.trainable_variables)
+    _, grads = autodiff.variable_gradients(
+        lambda: model.compute_loss(x=probe_x, y=probe_y, y_pred=model(probe_x)),
+        model.trainable_variables,
+    )
     logger = kgrad.GradientNormLogger(probe_data=(probe_x, probe_y), every_n_steps=2)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[logger])
     frame = logger.to_dataframe()
     assert frame.step.unique().tolist() == [0, 2, 4, 6]
     kernel = frame[(frame.layer == "dense_a") & (frame.variable == "kernel")]
     np.testing.assert_allclose(kernel.grad_norm, np.linalg.norm(grads[0]), rtol=1e-5)
+
+
+def test_probe_mode_follows_the_weights_step_by_step():
+    # lr > 0: each probe, after step s, holds the gradient of the probe loss and the
+    # weight norms at the weights after step s (on JAX: the state that step returned,
+    # not the variables, which hold the epoch's start until it ends).
+    x, y = _data()
+    model = _mlp()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    twin = _mlp()
+    twin.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    twin.set_weights(model.get_weights())
+    probe_x, probe_y = x[:8], y[:8]
+    logger = kgrad.GradientNormLogger(probe_data=(probe_x, probe_y))
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    gradient_norms, weight_norms = [], []
+    for start in range(0, len(x), 4):
+        twin.train_on_batch(x[start : start + 4], y[start : start + 4])
+        _, grads = autodiff.variable_gradients(
+            lambda: twin.compute_loss(
+                x=probe_x, y=probe_y, y_pred=twin(probe_x, training=False)
+            ),
+            twin.trainable_variables,
+        )
+        gradient_norms.append(autodiff.norm(grads[0]))
+        weight_norms.append(autodiff.norm(twin.trainable_variables[0]))
+    frame = logger.to_dataframe()
+    kernel = frame[(frame.layer == "dense_a") & (frame.variable == "kernel")]
+    kernel = kernel.sort_values("step")
+    assert kernel.step.tolist() == list(range(8))
+    assert gradient_norms[-1] != pytest.approx(gradient_norms[0], rel=1e-3)
+    np.testing.assert_allclose(kernel.grad_norm, gradient_norms, rtol=1e-4)
+    np.testing.assert_allclose(kernel.weight_norm, weight_norms, rtol=1e-5)
+    assert (frame.optimizer == "probe").all()
 
 
 class CustomLoopNet(keras.Model):
@@ -401,6 +461,8 @@ class CustomLoopNet(keras.Model):
         return self.dense(inputs)
 
     def train_step(self, data):
+        import tensorflow as tf
+
         x, y = data
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(self(x) - y))
@@ -409,6 +471,7 @@ class CustomLoopNet(keras.Model):
         return {"loss": loss}
 
 
+@pytest.mark.backends("tensorflow", reason="the custom train_step uses tf.GradientTape")
 def test_unhookable_train_step_points_to_probe_mode():
     x, y = _data()
     model = CustomLoopNet()
@@ -457,6 +520,8 @@ def test_tensorboard_scalars_and_histograms(tmp_path):
         tensorboard_dir=tmp_path / "tb", histogram_every_n_steps=2
     )
     model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[logger])
+    import tensorflow as tf  # to read the event files
+
     tags = set()
     for path in glob.glob(os.path.join(tmp_path, "tb", "events.*")):
         for event in tf.compat.v1.train.summary_iterator(path):

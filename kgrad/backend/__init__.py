@@ -20,9 +20,9 @@ import keras
 SUPPORT = {
     "tensorflow": "every kgrad callback and function",
     "jax": (
-        "GradientNormLogger (on the real training step, every option but "
-        "`probe_data` and `histogram_every_n_steps`), GradientClipping (every "
-        "mode) and the records, plots and reports made from the logger's logs"
+        "GradientNormLogger (every option, on the real training step or in probe "
+        "mode), GradientHealthMonitor, GradientClipping (every mode), `diagnose` "
+        "and `probe_gradients`, and the records, plots and reports made from them"
     ),
 }
 

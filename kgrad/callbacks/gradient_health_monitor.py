@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.callbacks.gradient_norm_logger import GradientNormLogger
-from kgrad.capture.probe import check_probe_data
+from kgrad.capture.probe import PROBE_BACKENDS, check_probe_data
 from kgrad.capture.step_hook import model_is_built
 from kgrad.capture.variables import track_variables
 from kgrad.diagnosis.activations import network_context
@@ -272,6 +273,7 @@ class GradientHealthMonitor(KgradCallback):
     # -- callback hooks ---------------------------------------------------------------
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        backend.require("GradientHealthMonitor", PROBE_BACKENDS)
         model = self.model
         check_trainable(model)
         self._notes = []

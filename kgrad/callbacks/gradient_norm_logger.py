@@ -17,10 +17,11 @@ from kgrad import backend
 from kgrad.callbacks.base import KgradCallback, check_positive_int, check_trainable
 from kgrad.capture.norm_buffer import NormBuffer, OptimizerBuffers
 from kgrad.capture.probe import (
+    PROBE_BACKENDS,
     LossFunction,
     check_loss_fn,
     check_probe_data,
-    probe_gradients,
+    probe_loss,
 )
 from kgrad.capture.step_hook import StepContext, StepHook, model_is_built
 from kgrad.capture.variables import layer_names, track_variables
@@ -30,6 +31,10 @@ from kgrad.records.tensorboard_sink import TensorBoardSink
 
 # Logged steps held on the device per epoch when the epoch length is unknown.
 _UNKNOWN_EPOCH_CAPACITY = 4096
+# The optimizer name of probe mode's records (and of its buffer's variables).
+_PROBE = "probe"
+# The backends whose step keeps the gradient copies of histograms (tested there).
+_HISTOGRAM_BACKENDS = ("tensorflow", "jax")
 
 
 class GradientNormLogger(KgradCallback):
@@ -43,9 +48,10 @@ class GradientNormLogger(KgradCallback):
     with `jit_compile=True` on a CPU about 50%, since XLA's CPU reductions are slow
     (Keras leaves XLA off on a CPU by default): see the README's benchmarks.
 
-    In *probe* mode (`probe_data=(x, y)`), the gradients are computed with
-    `tf.GradientTape` on that fixed batch after every `every_n_steps` steps: for models
-    whose own training step calls no Keras optimizer, and for comparing runs on the
+    In *probe* mode (`probe_data=(x, y)`), the gradients are computed by the backend
+    (`tf.GradientTape`, `jax.grad` at the current step's weights) on that fixed batch
+    after every `every_n_steps` steps: for models whose own training step calls no
+    Keras optimizer, and for comparing runs on the
     same inputs; with `loss_fn`, of that function's loss (for a model with no
     `call()`). It costs a forward and a backward pass per probe. Its records are
     those of optimizer `"probe"`.
@@ -255,9 +261,11 @@ class GradientNormLogger(KgradCallback):
         self._probe_steps: list[int] = []
         self._last_probe_bucket = -1
         if self.histogram_every_n_steps:
-            backend.require("GradientNormLogger(histogram_every_n_steps=...)")
+            backend.require(
+                "GradientNormLogger(histogram_every_n_steps=...)", _HISTOGRAM_BACKENDS
+            )
         if self.probe_data is not None:
-            backend.require("GradientNormLogger(probe_data=...)")
+            backend.require("GradientNormLogger(probe_data=...)", PROBE_BACKENDS)
             self._start_probe_mode(capacity)
             return
         hook = StepHook.attach(model)
@@ -382,6 +390,8 @@ class GradientNormLogger(KgradCallback):
         hook = StepHook.attach(model)
         probe.batch = check_probe_data(model, self.probe_data, loss_fn=self.loss_fn)
         tracked = track_variables(model, self.layers)
+        # Written by the probe, between steps: no part of the training step's state
+        # (on JAX the optimizer of a name the step never calls keeps it out).
         probe.buffer = NormBuffer(
             hook,
             tracked,
@@ -389,18 +399,20 @@ class GradientNormLogger(KgradCallback):
             self.every_n_steps,
             self.histogram_every_n_steps,
             self.weight_norms,
+            optimizer=_PROBE,
         )
         x, y, sample_weight = probe.batch
-        training = self.probe_training
+        loss = probe_loss(
+            model, x, y, sample_weight, self.probe_training, loss_fn=self.loss_fn
+        )
+        variables = list(model.trainable_variables)
+        gradients_of = hook.backend.gradient_function(model, loss, variables)
         buffer = probe.buffer
-        loss_fn = self.loss_fn
 
         def probe_step(step):
-            _, gradients = probe_gradients(
-                model, x, y, sample_weight, training, loss_fn=loss_fn
-            )
+            _, gradients = gradients_of()
             context = StepContext(
-                variables=list(model.trainable_variables),
+                variables=variables,
                 gradients=list(gradients),
                 applied=list(gradients),
                 step=step,
@@ -409,7 +421,7 @@ class GradientNormLogger(KgradCallback):
             context.applied = context.gradients
             buffer.write(context, always=True)
 
-        return hook.backend.compiled_step(probe_step)
+        return hook.backend.compiled_probe_step(model, probe_step)
 
     def _fetch(self) -> dict[str, tuple[dict[str, np.ndarray], int, NormBuffer]]:
         """The rows logged since the last fetch, by optimizer."""
@@ -419,7 +431,7 @@ class GradientNormLogger(KgradCallback):
                 return {}
             rows, dropped = buffer.fetch(self._probe_first_step, self._probe_steps)
             self._probe_steps = []
-            return {"probe": (rows, dropped, buffer)}
+            return {_PROBE: (rows, dropped, buffer)}
         fetched = {}
         steps = self._read_steps()
         for name, buffer in self._buffers.buffers.items():

@@ -22,6 +22,10 @@ from kgrad import backend
 ProbeData = tuple[Any, ...]
 LossFunction = Callable[[keras.Model, Any], Any]
 
+# The backends whose module differentiates a probe loss (`probe_gradients`,
+# `gradient_function`, `UnitStatistics`): elsewhere the probes say so before any step.
+PROBE_BACKENDS = ("tensorflow", "jax")
+
 
 def _first_dimension(value: Any) -> int | None:
     leaves = keras.tree.flatten(value)
@@ -331,6 +335,7 @@ def probe_gradients(
     ...     return keras.ops.mean(keras.ops.square(model.decoder(z_mean) - batch))
     >>> loss, grads = probe_gradients(vae, x_batch, loss_fn=vae_loss)  # doctest: +SKIP
     """
+    backend.require("probe_gradients", PROBE_BACKENDS)
     loss = probe_loss(model, x, y, sample_weight, training, loss_fn=loss_fn)
     value, _, gradients, _ = backend.current().probe_gradients(
         model, lambda: (loss(), None), model.trainable_variables

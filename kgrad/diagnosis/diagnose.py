@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 from keras import ops
 
-from kgrad import stats
+from kgrad import backend, stats
 from kgrad.callbacks.base import check_positive_int
 from kgrad.capture.probe import (
+    PROBE_BACKENDS,
     LossFunction,
     call_loss_fn,
     check_loss_fn,
@@ -310,6 +311,7 @@ def diagnose(
     ...     return keras.ops.mean(keras.ops.square(vae.decoder(z_mean) - batch))
     >>> report = kgrad.diagnose(vae, x_train[:512], loss_fn=vae_loss)  # doctest: +SKIP
     """
+    backend.require("diagnose", PROBE_BACKENDS)
     _check_arguments(model, x, loss, loss_fn, batch_size, training, seed)
     examples = _count(x, "x")
     if examples == 0:
