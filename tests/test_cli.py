@@ -12,6 +12,8 @@ import pytest
 import kgrad
 from kgrad import cli
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 
 def _sigmoid_model(depth=10, width=16):
     layers = [keras.Input((8,))]
