@@ -6,13 +6,12 @@ import keras
 import keras_tuner
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kgrad
 from custom_models import FEATURES, Regressor, make_gan
 from kgrad.capture.step_hook import StepContext, StepHook
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 BATCH = 8
 
@@ -126,6 +125,26 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_too():
     _fit(model, [recorder, stopper], x, y)
     assert len(recorder.batch_losses) == 1 and np.isfinite(recorder.batch_losses).all()
     assert stopper.stop_reason == "non-finite gradient at epoch 1, batch 1"
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "compiled"])
+def test_a_non_finite_gradient_stops_at_that_batch_compiled_or_not(jit_compile):
+    """With `jit_compile=True` (XLA on TensorFlow, `torch.compile` on torch) too: a
+    gradient that is inf in the third batch only stops there."""
+    x, y = _data(zero_row=2 * BATCH + 1)
+    x[: 2 * BATCH] += 1.0  # no zero before the third batch
+    model = keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="zeros"),
+        SqrtAbs(),
+        keras.layers.Dense(1),
+    ])
+    model.compile(keras.optimizers.SGD(0.0), loss="mse", jit_compile=jit_compile)
+    recorder = Recorder()
+    stopper = kgrad.EarlyStopping(monitor="loss")
+    _fit(model, [recorder, stopper], x, y)
+    assert stopper.stop_reason == "non-finite gradient at epoch 1, batch 3"
+    assert len(recorder.batch_losses) == 3 and np.isfinite(recorder.batch_losses).all()
 
 
 def test_verbose_prints_the_reason(capsys):
@@ -409,7 +428,7 @@ def test_the_reason_names_each_optimizer_at_fault():
     stopper.on_train_begin()
     for name in ("g_optimizer", "d_optimizer"):
         stopper._observe(StepContext(
-            variables=[], gradients=[tf.constant([np.inf])], applied=[], step=None,
+            variables=[], gradients=[keras.ops.convert_to_tensor([np.inf])], applied=[], step=None,
             strategy=None, optimizer_name=name))
     stopper.on_epoch_begin(1)
     stopper.on_train_batch_end(2, {"d_loss": 0.5, "g_loss": 0.7})
@@ -425,7 +444,9 @@ class WeightsAfterFirstBatch(keras.callbacks.Callback):
             self.weights = self.model.get_weights()
 
 
-@pytest.mark.backends("tensorflow", reason="on JAX, Keras builds the model before its first step")
+@pytest.mark.backends(
+    "tensorflow", reason="on JAX and torch, Keras builds the model before its first step"
+)
 @pytest.mark.parametrize("build", ["subclassed", "sequential_without_input"])
 def test_models_built_by_their_first_batch(build):
     def make():
@@ -450,7 +471,9 @@ def test_models_built_by_their_first_batch(build):
         np.testing.assert_array_equal(restored, expected)
 
 
-@pytest.mark.backends("tensorflow", reason="on JAX, Keras builds the model before its first step")
+@pytest.mark.backends(
+    "tensorflow", reason="on JAX and torch, Keras builds the model before its first step"
+)
 def test_a_nan_in_the_first_batch_of_an_unbuilt_model_keeps_the_weights(capsys):
     model = keras.Sequential([keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(0.01), loss="mse")

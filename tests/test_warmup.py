@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import kgrad
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 BATCH, STEPS_PER_EPOCH, TARGET = 8, 4, 0.1
 
@@ -219,6 +219,44 @@ def test_schedule_drives_the_optimizer_during_fit():
         rtol=1e-6,
         atol=1e-9,
     )
+
+
+class WeightSteps(keras.callbacks.Callback):
+    """The kernel after every step (read at batch ends), and before the first."""
+
+    def on_train_begin(self, logs=None):
+        self.kernels = [np.array(self.model.layers[0].kernel.numpy())]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.kernels.append(np.array(self.model.layers[0].kernel.numpy()))
+
+
+@pytest.mark.parametrize(
+    "jit_compile",
+    [
+        "auto",
+        pytest.param(True, marks=pytest.mark.backends("torch", reason="torch.compile of the step")),
+    ],
+)
+@pytest.mark.parametrize("how", ["callback", "schedule"])
+def test_the_step_applies_the_warmup_rate(how, jit_compile):
+    """What SGD applied: |dw| / |g| of each step (g as the logger records it) is the
+    warmup rate of that step, with the callback and with the schedule."""
+    total = 6
+    if how == "callback":
+        model, callbacks = _model(), [kgrad.LearningRateWarmup(warmup_steps=total)]
+    else:
+        model, callbacks = _model(kgrad.WarmupSchedule(TARGET, warmup_steps=total)), []
+    model.compile(model.optimizer, loss="mse", jit_compile=jit_compile)
+    logger, weights = kgrad.GradientNormLogger(), WeightSteps()
+    x, y = _data()
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+              callbacks=[logger, *callbacks, weights])
+    frame = logger.to_dataframe()
+    grads = frame[frame["kind"] == "kernel"].sort_values("step")["grad_norm"].to_numpy()
+    moved = [np.linalg.norm(b - a) for a, b in zip(weights.kernels, weights.kernels[1:])]
+    expected = [_expected("linear", t, total, 0.0, TARGET) for t in range(8)]
+    np.testing.assert_allclose(np.asarray(moved) / grads, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_schedule_round_trips_through_a_keras_file(tmp_path):

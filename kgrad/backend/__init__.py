@@ -2,11 +2,12 @@
 
 Keras keeps every backend's code in a folder of its own with the same function names
 (`keras/src/backend/{tensorflow,jax,torch}/`) and writes the rest once against
-`keras.ops`. kgrad does the same: `kgrad.backend.tensorflow` and `kgrad.backend.jax`
-expose the same functions (the strategy of a model, state variables that the traced
-step writes, row writes, aggregation of replica gradients), and `current()` picks the
-one of `keras.backend.backend()`. Only these modules import `tensorflow` or `jax` for
-the step hook; what works on which backend is listed in `SUPPORT`.
+`keras.ops`. kgrad does the same: `kgrad.backend.tensorflow`, `kgrad.backend.jax` and
+`kgrad.backend.torch` expose the same functions (the strategy of a model, state
+variables that the traced step writes, row writes, aggregation of replica gradients),
+and `current()` picks the one of `keras.backend.backend()`. Only these modules import
+`tensorflow`, `jax` or `torch` for the step hook; what works on which backend is
+listed in `SUPPORT`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ SUPPORT = {
         "mode), GradientHealthMonitor, GradientClipping (every mode), `diagnose` "
         "and `probe_gradients`, and the records, plots and reports made from them"
     ),
+    "torch": (
+        "GradientNormLogger (on the real training step, every option but "
+        "`probe_data` and `histogram_every_n_steps`), EarlyStopping, "
+        "LearningRateWarmup and WarmupSchedule, the zoo's builders and searches, "
+        "and the records, plots and reports made from the logger's logs"
+    ),
 }
 
 
@@ -39,9 +46,17 @@ def current() -> ModuleType:
         NotImplementedError: on a backend that kgrad does not support yet.
     """
     backend = name()
-    if backend not in SUPPORT:
-        raise NotImplementedError(unsupported_message("kgrad's step hook", backend))
-    return importlib.import_module(f"kgrad.backend.{backend}")
+    module = _MODULES.get(backend)
+    if module is None:
+        if backend not in SUPPORT:
+            raise NotImplementedError(unsupported_message("kgrad's step hook", backend))
+        module = _MODULES[backend] = importlib.import_module(f"kgrad.backend.{backend}")
+    return module
+
+
+# The modules imported so far, by backend: `current()` runs inside the step, where a
+# dict lookup is all that `torch.compile` traces (it cannot trace an import).
+_MODULES: dict[str, ModuleType] = {}
 
 
 def unsupported_message(feature: str, backend: str | None = None) -> str:

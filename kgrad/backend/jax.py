@@ -21,6 +21,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kgrad.backend.single_device import SingleDevice
+
 INDEX_DTYPE = "int32"  # JAX without x64 has no int64
 # JAX's step state is fixed when `fit` takes it at the first batch: the hook's
 # variables must exist by `on_train_begin`.
@@ -28,14 +30,6 @@ STATE_BEFORE_STEP = True
 # Whether the traced step may write state variables inside a branch (`when`).
 BRANCH_WRITES = False
 
-
-class SingleDevice:
-    """The strategy stand-in of a model trained without a `tf.distribute` strategy."""
-
-    num_replicas_in_sync = 1
-
-    def scope(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
 
 def strategy(model: keras.Model) -> SingleDevice:
@@ -102,6 +96,12 @@ def untrack(optimizer: keras.optimizers.Optimizer, variables: Sequence[keras.Var
 def read(variable: keras.Variable) -> Any:
     """The value of a state variable inside the step (the stateless scope's value)."""
     return variable.value
+
+
+def weight_values(variables: Sequence[keras.Variable]) -> list[Any]:
+    """The values of the model's Keras variables inside the step (the stateless
+    scope's values)."""
+    return [variable.value for variable in variables]
 
 
 def increment(variable: keras.Variable, amount: Any = 1) -> None:

@@ -72,6 +72,11 @@ def read(variable: tf.Variable) -> tf.Tensor:
     return variable.read_value()
 
 
+def weight_values(variables: Sequence[keras.Variable]) -> list[Any]:
+    """The values of the model's Keras variables inside the step."""
+    return [variable.value for variable in variables]
+
+
 def increment(variable: tf.Variable, amount: Any = 1) -> None:
     variable.assign_add(tf.cast(amount, variable.dtype))
 

@@ -136,7 +136,8 @@ class NormBuffer:
         return row if logged is None else ops.where(logged, row, self.capacity)
 
     def _weight_norms(self) -> Any:
-        return stats.safe_norms([item.variable.value for item in self.tracked])
+        variables = [item.variable for item in self.tracked]
+        return stats.safe_norms(self._hook.backend.weight_values(variables))
 
     def write(self, context: StepContext, always: bool = False) -> None:
         """Records the norms of `context` when its step is a logged one.
@@ -167,6 +168,8 @@ class NormBuffer:
                 clipped_total, clipped = self._norms(context, context.applied)
             self.global_on_host = total is None
             # Slots the host ignores hold a zero.
+            if total is None and clipped_total is None:
+                return ops.zeros((2,), "float32"), grads, clipped
             zero = ops.zeros((), "float32")
             head = ops.stack(
                 [

@@ -1,0 +1,240 @@
+"""The step hook's backend operations on PyTorch.
+
+Keras's torch trainer is stateful and eager: `train_step` calls `loss.backward()`,
+collects `v.value.grad` and calls `optimizer.apply` under `torch.no_grad()`, in
+Python at every step, or inside `torch.compile` with `jit_compile=True`. The hook's
+state variables are plain Keras variables written in place (no optimizer state to
+travel in, as on JAX), made before the first step so that a compiled step finds them.
+
+Two things cost a step dearly on torch and are avoided here: a Python read of a
+tensor (`if tensor:`, `.item()`), a host sync per step on an accelerator and a graph
+break under `torch.compile`, so nothing here branches on a value; and a functional
+row update (`ops.slice_update` with a tensor index clones the whole buffer), so rows
+are written in place (`index_copy_`, `index_put_`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+
+from kgrad.backend.single_device import SingleDevice
+
+INDEX_DTYPE = "int64"
+# The step's variables are made before it runs: a `torch.compile`d step that made
+# them would break its graph there.
+STATE_BEFORE_STEP = True
+# Writes inside `when` are plain in-place writes (`when` runs them in every step).
+BRANCH_WRITES = True
+
+# `safe_norms`'s second scale: 2**-64 keeps the squares of any finite float32 entry
+# finite (|x| * 2**-64 <= 1.8e19), and every entry that it sends below float32's
+# normal range (|x| < 2) weighs less than 1e-38 of a sum that overflowed unscaled.
+_DOWN, _UP = 2.0**-64, 2.0**64
+
+
+
+def strategy(model: keras.Model) -> SingleDevice:
+    """A single-device stand-in (Keras has no multi-device trainer on torch)."""
+    return SingleDevice()
+
+
+def new_train_function(model: keras.Model) -> Any:
+    """A train function made anew (`torch.compile` of a new closure with
+    `jit_compile=True`: dynamo guards on what the hook reads, so each set of
+    participants gets its own graph)."""
+    model.make_train_function(force=True)
+    return model.train_function
+
+
+def make_variable(
+    strategy: Any,
+    optimizer: keras.optimizers.Optimizer,
+    initial_value: Any,
+    dtype: Any,
+    name: str,
+) -> keras.Variable:
+    """A non-trainable Keras variable that the step writes in place.
+
+    `optimizer` is unused: the eager (or compiled) step writes any tensor, and a
+    variable outside the optimizer leaves its saved state unchanged.
+    """
+    del strategy, optimizer
+    value = np.asarray(initial_value, dtype=keras.backend.standardize_dtype(dtype))
+    return keras.Variable(value, dtype=value.dtype.name, trainable=False, name=name)
+
+
+def track(optimizer: keras.optimizers.Optimizer, variables: Sequence[Any]) -> None:
+    """Nothing to do on torch: the step writes variables it does not return."""
+
+
+def untrack(optimizer: keras.optimizers.Optimizer, variables: Sequence[Any]) -> None:
+    """Nothing to do on torch (see `track`)."""
+
+
+def read(variable: keras.Variable) -> torch.Tensor:
+    """The tensor of a state variable inside the step."""
+    return variable.value
+
+
+def weight_values(variables: Sequence[keras.Variable]) -> list[torch.Tensor]:
+    """The tensors of the model's Keras variables inside the step: the parameters
+    themselves (`Variable.value` asks for the device and scopes at every call, ~1.5
+    us a variable; no autocast scope is open where the optimizer runs)."""
+    return [variable._value for variable in variables]
+
+
+def increment(variable: keras.Variable, amount: Any = 1) -> None:
+    """Adds `amount` in place (no new tensor, no host read)."""
+    variable.value.add_(amount)
+
+
+def when(strategy: Any, condition: Any, function: Callable[[], None]) -> None:
+    """Runs `function` in every step: a branch on a tensor would read it on the host
+    (a sync on an accelerator, a graph break under `torch.compile`). Callers make
+    the writes of other steps harmless (a scratch row)."""
+    function()
+
+
+def scale_gradient(gradient: Any, factor: Any) -> Any:
+    """Multiplies a gradient by `factor`; `None` stays `None`."""
+    if gradient is None:
+        return None
+    return gradient * factor
+
+
+def aggregate(strategy: Any, gradients: list[Any]) -> list[Any]:
+    """The gradients as they are (one device)."""
+    return gradients
+
+
+def write_row(strategy: Any, rows: keras.Variable, row: Any, value: Any) -> None:
+    """Writes `value` into row `row` of `rows` in place (`index_copy_`: the row only,
+    where `ops.slice_update` with a tensor index clones the whole buffer)."""
+    buffer = rows.value
+    index = torch.as_tensor(row, dtype=torch.int64, device=buffer.device).reshape(1)
+    buffer.index_copy_(0, index, value.reshape(1, -1).to(buffer.dtype))
+
+
+def write_cells(
+    strategy: Any, rows: keras.Variable, row: Any, columns: Sequence[int], value: Any
+) -> None:
+    """Writes `value` into `columns` of row `row` of `rows` in place."""
+    buffer = rows.value
+    index = torch.as_tensor(row, dtype=torch.int64, device=buffer.device)
+    cells = torch.as_tensor(list(columns), dtype=torch.int64, device=buffer.device)
+    buffer.index_put_((index.expand(cells.shape[0]), cells), value.to(buffer.dtype))
+
+
+def entries(gradient: Any) -> Any:
+    """The entries of a gradient (torch's are dense)."""
+    return gradient
+
+
+def dense(value: Any) -> Any:
+    return value
+
+
+def summed_rows(gradient: Any) -> Any:
+    """A gradient with repeated sparse rows summed: torch's gradients are dense."""
+    return gradient
+
+
+def with_entries(gradient: Any, values: Any) -> Any:
+    """A gradient of the same structure as `gradient` holding `values` (dense here)."""
+    return values
+
+
+def euclidean_norm(value: Any, axis: Sequence[int]) -> Any:
+    """The L2 norm of `value` over `axis` (one reduction)."""
+    return torch.linalg.vector_norm(value, dim=tuple(axis))
+
+
+def host_value(model: keras.Model, variable: keras.Variable) -> np.ndarray:
+    """The current value of a state variable, read on the host between steps (the
+    eager step writes its variables as it goes)."""
+    return variable.value.detach().cpu().numpy()
+
+
+def host_assign(model: keras.Model, variable: keras.Variable, value: Any) -> None:
+    """Sets a state variable on the host between steps, for the next step to use."""
+    variable.assign(value)
+
+
+# -- reductions with torch's own ops (`kgrad.stats` uses them when present) ----------
+
+
+def safe_norms(values: Sequence[Any], *, jit_compile: bool = False) -> torch.Tensor:
+    """L2 norms of several tensors, finite whenever float32 can represent them.
+
+    `torch._foreach_norm` takes every norm in one call (as
+    `torch.nn.utils.clip_grad_norm_` does). Its float32 sums of squares overflow
+    once a norm passes ~1.8e19; where a norm is not finite, the norm of the tensor
+    scaled by 2**-64 is taken instead. That second pass runs only when needed on
+    the CPU outside `torch.compile`: CPU kernels run synchronously, so looking at
+    the result waits for nothing. On an accelerator, and while `torch.compile`
+    traces the step, it runs in every step with no branch: a branch on a value
+    would sync the device, or break the graph. `jit_compile` is
+    `kgrad.stats.safe_norms`'s (unused).
+
+    Example:
+
+    >>> safe_norms([torch.tensor([3.0, 4.0]), torch.full((100,), 1e20)]).tolist()
+    [5.0, 1.0000000200408773e+21]
+    """
+    del jit_compile
+    if not values:
+        return torch.zeros((0,), dtype=torch.float32)
+    dense = [value if value.dtype == torch.float32 else value.float() for value in values]
+    plain = torch.stack(torch._foreach_norm(dense))
+    finite = torch.isfinite(plain)
+    if (
+        plain.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(finite.all())
+    ):
+        return plain
+    scaled = torch.stack(torch._foreach_norm(torch._foreach_mul(dense, _DOWN)))
+    return torch.where(finite, plain, scaled * _UP)
+
+
+def all_finite(values: Sequence[Any]) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a scalar bool tensor.
+
+    One `torch._foreach_norm` for all: a finite norm means finite entries. Where
+    some norm is not finite (a non-finite entry, or squares that overflowed), the
+    entries are looked at: on the CPU outside `torch.compile` only then (see
+    `safe_norms`); elsewhere always and with no branch, through the norms of the
+    tensors times zero (NaN exactly where an entry is inf or NaN).
+    """
+    if not values:
+        return torch.tensor(True)
+    norms = torch.stack(torch._foreach_norm(list(values)))
+    finite = torch.isfinite(norms).all()
+    if norms.device.type == "cpu" and not torch.compiler.is_compiling() and bool(finite):
+        return finite
+    zeros = torch.stack(torch._foreach_norm(torch._foreach_mul(list(values), 0.0)))
+    return torch.isfinite(zeros).all()
+
+
+# -- not ported to torch yet: gradients of a probe loss --------------------------------
+
+_PROBES = (
+    "Differentiating a probe loss (diagnose(), probe_gradients(), "
+    "GradientHealthMonitor, GradientNormLogger(probe_data=...))"
+)
+
+
+def _not_ported(*args: Any, **kwargs: Any) -> Any:
+    from kgrad.backend import unsupported_message
+
+    raise NotImplementedError(unsupported_message(_PROBES, "torch"))
+
+
+# The probe functions of the other backends, each raising the same clear error.
+probe_gradients = gradient_function = compiled_probe_step = compiled_step = _not_ported
+UnitStatistics = _not_ported
