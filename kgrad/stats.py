@@ -137,6 +137,8 @@ def _safe_norms_ops(values: Sequence) -> object:
     squares = ops.stack([ops.sum(ops.square(value)) for value in dense])
 
     def rescaled(value: object) -> object:
+        if 0 in tuple(ops.shape(value)):  # no entries: `max` has no identity
+            return ops.zeros((), "float32")
         largest = ops.max(ops.abs(value))
         usable = ops.logical_and(largest > 0, ops.isfinite(largest))
         scale = ops.where(usable, largest, ops.ones_like(largest))

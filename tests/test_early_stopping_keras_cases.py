@@ -15,6 +15,8 @@ import pytest
 
 import kgrad
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 CLASSES = [keras.callbacks.EarlyStopping, kgrad.EarlyStopping]
 IDS = ["keras", "kgrad"]
 
@@ -102,6 +104,11 @@ def test_reuse_across_fit_calls_starts_afresh(stopping, built):
         assert stopper.best == pytest.approx(min(history.history["mse"]))
 
 
+@pytest.mark.backends(
+    "tensorflow",
+    reason="Keras's own EarlyStopping stops an epoch later on JAX (4 epochs), kgrad's "
+    "with it: the count asserted is TensorFlow's",
+)
 def test_baseline_that_is_never_beaten_stops_after_patience(stopping):
     x, y = _data()
     model = _two_dense(built=True)

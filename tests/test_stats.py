@@ -1,4 +1,10 @@
-"""In-graph norms: overflow-free, non-finite only for non-finite entries, exact."""
+"""In-graph norms on TensorFlow: overflow-free, non-finite only for non-finite entries,
+exact, in `tf.function` graphs with and without XLA, sparse `tf.IndexedSlices` included.
+
+TensorFlow-only: these are TensorFlow's own formulations (`tf.nn.l2_loss`, in
+`kgrad/backend/tensorflow.py`); `tests/test_stats_backends.py` holds the same cases for
+the `keras.ops` formulation, on every backend.
+"""
 
 import numpy as np
 import pytest

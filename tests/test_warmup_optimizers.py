@@ -11,6 +11,10 @@ from custom_models import FEATURES, Regressor, make_gan
 
 import kgrad
 
+pytestmark = pytest.mark.backends(
+    "tensorflow", reason="the GAN's train_step uses tf.GradientTape (keras-io's pattern)"
+)
+
 BATCH, STEPS_PER_EPOCH = 4, 3
 D_RATE, G_RATE, DEFAULT_RATE = 0.02, 0.01, 0.001  # RMSprop's default for compile()
 
