@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import zoo  # noqa: E402
 from zoo.depth_sweep import COLUMNS  # noqa: E402
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 def test_plain_sigmoid_loses_accuracy_with_depth_while_residual_and_batchnorm_do_not(capsys):

@@ -27,7 +27,7 @@ from kgrad.diagnosis.stalled import detect_stalled, stalled_beyond_trend, update
 from kgrad.diagnosis.unit_health import SiteInfo, UnitHealth
 from kgrad.diagnosis.vanishing import detect_vanishing
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 LAYERS = [f"dense_{i}" for i in range(20)]
 

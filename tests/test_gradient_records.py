@@ -6,7 +6,7 @@ import pytest
 
 from kgrad.records.gradient_records import COLUMNS, GradientRecords, VariableInfo
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 INFOS = [
     VariableInfo("dense", 0, "kernel", "kernel"),

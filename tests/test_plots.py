@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import kgrad  # noqa: E402
 from kgrad import plots  # noqa: E402
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 @pytest.fixture(autouse=True)

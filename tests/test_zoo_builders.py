@@ -16,7 +16,7 @@ import pytest
 
 import zoo
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 # --- closed-form parameter counts -------------------------------------------------------
 

@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 
 from zoo import datasets
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 DIGITS_CLASS_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # 1,797 in all
 

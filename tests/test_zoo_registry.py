@@ -11,7 +11,7 @@ from test_zoo_builders import param_counts
 import zoo
 from zoo import registry
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 REQUIRED = [
     "mlp_plain",
@@ -158,6 +158,9 @@ def test_a_registered_model_trains_on_digits():
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    model.fit(data.x_train, data.y_train, epochs=3, batch_size=64, verbose=0)
+    # Six epochs: the batch-norm moving statistics that `evaluate` uses lag behind
+    # (momentum 0.99); after three, the test accuracy of one seed on torch was 0.69
+    # (train 0.97). After six, 0.89 to 0.92 over four seeds there.
+    model.fit(data.x_train, data.y_train, epochs=6, batch_size=64, verbose=0)
     _, accuracy = model.evaluate(data.x_test, data.y_test, verbose=0)
     assert accuracy > 0.8  # chance is 0.1

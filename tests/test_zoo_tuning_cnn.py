@@ -8,7 +8,7 @@ import pytest
 
 import zoo
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 SEED = 7  # keras-tuner silently replaces seed=0 by a random seed
 

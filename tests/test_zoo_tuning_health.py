@@ -12,7 +12,7 @@ from keras_tuner import Objective
 from kgrad.records.gradient_records import GradientRecords, VariableInfo
 from zoo.tuning import trial_health
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 NAN, INF = float("nan"), float("inf")
 

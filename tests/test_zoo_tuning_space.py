@@ -11,7 +11,7 @@ import pytest
 import zoo
 from zoo.tuning.search_space import DEFAULT
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 hp_types = keras_tuner.engine.hyperparameters
 
