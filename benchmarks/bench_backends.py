@@ -1,7 +1,8 @@
 """kgrad's per-step cost on each Keras backend, against plain `model.fit` there.
 
-    python benchmarks/bench_backends.py --backend jax          # or tensorflow
+    python benchmarks/bench_backends.py --backend jax          # or tensorflow, torch
     python benchmarks/bench_backends.py --backend jax --quick  # a smoke run
+    python benchmarks/bench_backends.py --backend torch --jit-compile  # torch.compile
 
 The model is the overhead benchmark's MLP (`workloads.py`: 20 ReLU layers of 128, 8,192
 examples, batch 64, SGD). Every configuration trains one shared model (same variables,
@@ -19,7 +20,12 @@ every_n_steps=10)`; `EarlyStopping()` (its `check_finite` reads one flag per ste
 host, so Keras runs its batch hooks synchronously); on TensorFlow also
 `GradientHealthMonitor` and `GradientClipping("global_norm")` against the optimizer's own
 `global_clipnorm` (not ported to JAX yet). JAX compiles the step with XLA always
-(`jit_compile="auto"`); on TensorFlow `--xla` compiles it with XLA too.
+(`jit_compile="auto"`); `--jit-compile` compiles it with XLA on TensorFlow too, and
+with `torch.compile` on torch (eager by default there).
+
+On torch the script also counts the host reads that kgrad's step makes per step
+(`aten._local_scalar_dense` calls in the step hook, beyond those of the plain step),
+and sets no thread count: pass `OMP_NUM_THREADS` to pin it.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ import time
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["tensorflow", "jax"], default="jax")
+    parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default="jax")
     parser.add_argument("--rounds", type=int, default=8, help="repetitions (default 8)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs a round (default 2)")
-    parser.add_argument("--xla", action="store_true", help="TensorFlow: jit_compile=True")
+    parser.add_argument(
+        "--jit-compile", "--xla", dest="jit_compile", action="store_true",
+        help="jit_compile=True: XLA on TensorFlow, torch.compile on torch",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny and short")
     return parser.parse_args(argv)
 
@@ -51,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     import kgrad
     from workloads import WORKLOADS
 
+    compiler = "torch.compile" if args.backend == "torch" else "XLA"
+    label = f", {compiler}" if args.jit_compile else ""
     workload = WORKLOADS["mlp"]
     examples = 1024 if args.quick else workload.examples
     rounds = 2 if args.quick else args.rounds
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         model.compile(
             optimizer=keras.optimizers.SGD(0.01, global_clipnorm=global_clipnorm),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=True if args.xla else "auto",
+            jit_compile=True if args.jit_compile else "auto",
         )
         return model
 
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"backend {keras.backend.backend()}, MLP 20x128, {steps} steps a round, "
-        f"{rounds} rounds{', XLA' if args.xla else ''}", flush=True
+        f"{rounds} rounds{label}", flush=True
     )
     fit("plain")  # the plain trace, and warm caches
     plain_warm = fit("plain")
@@ -127,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             cpu_ratios[name].append(cpu_times[name] / cpu_times["plain"])
         print(f"  round {repetition + 1}/{rounds}: plain {1e3 * times['plain'] / steps:.3f} ms/step", flush=True)
 
+    reads = _torch_host_reads(fit, configurations, steps) if args.backend == "torch" else {}
+
     clip_ratio = None
     if args.backend == "tensorflow":
         # The optimizer's own global_clipnorm, on a model of its own, alternating.
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         clip_ratio = statistics.median(k / o for k, o in zip(kgrad_times, own_times))
 
     print(
-        f"\n| configuration ({args.backend}{', XLA' if args.xla else ''}) | per step, wall "
+        f"\n| configuration ({args.backend}{label}) | per step, wall "
         "(median, range) | per step, CPU time (median, range) | first fit() |"
     )
     print("|---|---|---|---|")
@@ -156,6 +169,37 @@ def main(argv: list[str] | None = None) -> None:
     if clip_ratio is not None:
         print(f'GradientClipping("global_norm") against SGD(global_clipnorm=1.0): {clip_ratio:.3f}x')
     print(f"plain: {1e3 * plain_warm / steps:.3f} ms per step (warm)")
+    for name, count in reads.items():
+        print(f"host reads per step beyond the plain step's, {name}: {count:g}")
+
+
+def _torch_host_reads(fit, configurations, steps: int) -> dict[str, float]:
+    """Per configuration, the reads of a tensor's value on the host per step
+    (`aten._local_scalar_dense`: `.item()`, `bool(tensor)`) beyond the plain step's,
+    counted in one more fit of each (not timed)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for name in configurations:
+        with CountReads() as counter:
+            fit(name)
+        counts[name] = counter.reads
+    return {
+        name: (count - counts["plain"]) / steps
+        for name, count in counts.items()
+        if name != "plain"
+    }
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Test configuration shared by every test module.
 
-The suite runs on Keras's TensorFlow backend by default and on JAX with
-`KERAS_BACKEND=jax` (the README's test command runs both). A test module or test
-states the backends it runs on with `@pytest.mark.backends("tensorflow", "jax")`;
-one without the mark is TensorFlow-only for now (its feature is not ported yet, see
-`kgrad.backend.SUPPORT`) and is skipped on the other backends, saying so.
+The suite runs on Keras's TensorFlow backend by default, on JAX with
+`KERAS_BACKEND=jax` and on torch with `KERAS_BACKEND=torch`. A test module or test
+states the backends it runs on with `@pytest.mark.backends("tensorflow", "jax",
+"torch")`; one without the mark is TensorFlow-only for now (its feature is not ported
+yet, see `kgrad.backend.SUPPORT`) and is skipped on the other backends, saying so.
 
 Under TensorFlow, two logical CPU devices are configured before TensorFlow
 initialises, so that the `MirroredStrategy` tests can run on a machine without

@@ -15,6 +15,7 @@ are written in place (`index_copy_`, `index_put_`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,10 +94,21 @@ def increment(variable: keras.Variable, amount: Any = 1) -> None:
     variable.value.add_(amount)
 
 
+def _readable(tensor: torch.Tensor) -> bool:
+    """Whether reading `tensor` on the host in the step waits for nothing: a CPU
+    tensor outside `torch.compile` (CPU kernels run synchronously). On an accelerator
+    a read syncs the device; under `torch.compile` it breaks the graph."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def when(strategy: Any, condition: Any, function: Callable[[], None]) -> None:
-    """Runs `function` in every step: a branch on a tensor would read it on the host
-    (a sync on an accelerator, a graph break under `torch.compile`). Callers make
-    the writes of other steps harmless (a scratch row)."""
+    """Runs `function` in the step only when `condition` holds, where the condition
+    can be read for free (`_readable`); elsewhere in every step, with no branch, and
+    callers make the writes of other steps harmless (a scratch row)."""
+    if isinstance(condition, torch.Tensor) and _readable(condition):
+        if bool(condition):
+            function()
+        return
     function()
 
 
@@ -192,11 +204,7 @@ def safe_norms(values: Sequence[Any], *, jit_compile: bool = False) -> torch.Ten
     dense = [value if value.dtype == torch.float32 else value.float() for value in values]
     plain = torch.stack(torch._foreach_norm(dense))
     finite = torch.isfinite(plain)
-    if (
-        plain.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and bool(finite.all())
-    ):
+    if _readable(plain) and all(map(math.isfinite, plain.tolist())):
         return plain
     scaled = torch.stack(torch._foreach_norm(torch._foreach_mul(dense, _DOWN)))
     return torch.where(finite, plain, scaled * _UP)
@@ -214,9 +222,8 @@ def all_finite(values: Sequence[Any]) -> torch.Tensor:
     if not values:
         return torch.tensor(True)
     norms = torch.stack(torch._foreach_norm(list(values)))
-    finite = torch.isfinite(norms).all()
-    if norms.device.type == "cpu" and not torch.compiler.is_compiling() and bool(finite):
-        return finite
+    if _readable(norms) and all(map(math.isfinite, norms.tolist())):
+        return torch.tensor(True)
     zeros = torch.stack(torch._foreach_norm(torch._foreach_mul(list(values), 0.0)))
     return torch.isfinite(zeros).all()
 

@@ -97,6 +97,7 @@ class NormBuffer:
             ]
             self.snapshot_step = make(-1, index, "kgrad_snap_step")
         self._hook = hook
+        self._last_picks: tuple[tuple, list[int], bool] | None = None
 
     # -- in the traced step ---------------------------------------------------------
 
@@ -111,15 +112,29 @@ class NormBuffer:
         """
         present = [i for i, value in enumerate(values) if value is not None]
         vector = stats.safe_norms([values[i] for i in present])
-        position = {id(variable): i for i, variable in enumerate(context.variables)}
-        slot = {index: k for k, index in enumerate(present)}
-        picks = [slot.get(position.get(id(item.variable)), len(present)) for item in self.tracked]
+        picks, every_one = self._picks(context.variables, present)
         total = None
-        if picks != list(range(len(values))):
+        if not every_one:
             total = stats.global_norm(vector) if present else ops.zeros((), "float32")
             absent = ops.full((1,), _ABSENT, "float32")
             vector = ops.take(ops.concatenate([vector, absent], 0), np.asarray(picks))
         return total, vector
+
+    def _picks(self, variables: list[Any], present: list[int]) -> tuple[list[int], bool]:
+        """Where each tracked variable's norm sits among the norms of the `present`
+        gradients (`len(present)`: no gradient), and whether the picks are every norm
+        in order. Kept for the last variables seen: an eager step (torch) asks at
+        every step with the same ones."""
+        key = (tuple(id(variable) for variable in variables), tuple(present))
+        if self._last_picks is None or self._last_picks[0] != key:
+            position = {id(variable): i for i, variable in enumerate(variables)}
+            slot = {index: k for k, index in enumerate(present)}
+            picks = [
+                slot.get(position.get(id(item.variable)), len(present))
+                for item in self.tracked
+            ]
+            self._last_picks = (key, picks, picks == list(range(len(variables))))
+        return self._last_picks[1], self._last_picks[2]
 
     def _put(self, row: Any, value: Any, columns: Sequence[int] | None = None) -> None:
         """Writes `value` into `row` of the buffer: the whole row or `columns` of it."""
