@@ -23,9 +23,8 @@ host, so Keras runs its batch hooks synchronously); on TensorFlow also
 (`jit_compile="auto"`); `--jit-compile` compiles it with XLA on TensorFlow too, and
 with `torch.compile` on torch (eager by default there).
 
-On torch the script also counts the host reads that kgrad's step makes per step
-(`aten._local_scalar_dense` calls in the step hook, beyond those of the plain step),
-and sets no thread count: pass `OMP_NUM_THREADS` to pin it.
+On torch the script also counts the host reads per step beyond the plain step's
+(`_torch_host_reads`), and sets no thread count: pass `OMP_NUM_THREADS` to pin it.
 """
 
 from __future__ import annotations
@@ -175,8 +174,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def _torch_host_reads(fit, configurations, steps: int) -> dict[str, float]:
     """Per configuration, the reads of a tensor's value on the host per step
-    (`aten._local_scalar_dense`: `.item()`, `bool(tensor)`) beyond the plain step's,
-    counted in one more fit of each (not timed)."""
+    (`aten._local_scalar_dense`: `.item()`, `bool(tensor)`; and `.tolist()`) beyond
+    the plain step's, counted in one more fit of each (not timed). On the CPU kgrad
+    reads CPU tensors where that waits for nothing (`kgrad.backend.torch`); on an
+    accelerator and under `torch.compile` it reads none."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -191,9 +192,19 @@ def _torch_host_reads(fit, configurations, steps: int) -> dict[str, float]:
             return func(*args, **(kwargs or {}))
 
     counts = {}
+    tolist = torch.Tensor.tolist
     for name in configurations:
         with CountReads() as counter:
-            fit(name)
+
+            def counted(tensor, *args, _counter=counter):  # a read, not a dispatched op
+                _counter.reads += 1
+                return tolist(tensor, *args)
+
+            torch.Tensor.tolist = counted
+            try:
+                fit(name)
+            finally:
+                torch.Tensor.tolist = tolist
         counts[name] = counter.reads
     return {
         name: (count - counts["plain"]) / steps

@@ -169,8 +169,14 @@ class NormBuffer:
             always: Record whatever the step index (probe mode). Defaults to `False`.
         """
         hook = self._hook
-        step = ops.cast(context.step, self._index_dtype)
         every_step = always or self.every_n_steps == 1
+        # The step index only where something depends on it (an eager step, torch's,
+        # pays for every op at every step).
+        step = (
+            None
+            if every_step and not self.snapshots
+            else ops.cast(context.step, self._index_dtype)
+        )
         logged = None if every_step else ops.equal(step % self.every_n_steps, 0)
         self.transformed = self.transformed or context.applied is not context.gradients
         width = len(self.tracked)

@@ -18,7 +18,8 @@ What observers and transforms see:
   is built or read before Keras builds them in the first step, so models that Keras
   builds on their first batch (subclassed, `Sequential` without `Input`) work as they are.
 
-The hook is Python code traced into the train function. Every set of participants has
+The hook is Python code traced into the train function (on torch it runs at every
+step, or inside `torch.compile` with `jit_compile=True`). Every set of participants has
 a train function of its own, traced once and kept: a second `fit()` with the same
 callbacks, and a plain `fit()` after one with them, reuse what was traced before.
 """
@@ -127,8 +128,8 @@ class StepHook:
     state to `add`, so that a function traced with the old one is not reused.
 
     Args:
-        model: A compiled Keras model, built or not (TensorFlow or JAX backend: see
-            `kgrad.backend`).
+        model: A compiled Keras model, built or not (TensorFlow, JAX or torch
+            backend: see `kgrad.backend`).
 
     Raises:
         ValueError: if the model holds no Keras optimizer (it is not compiled).
@@ -288,7 +289,8 @@ class StepHook:
         strategy it is mirrored and written from the first replica only (every replica
         holds the same aggregated values). On JAX an optimizer variable of
         `optimizer`, the one whose calls write it, made before the first step
-        (`state_before_step`) and tracked while the hook is installed.
+        (`state_before_step`) and tracked while the hook is installed. On torch a
+        plain Keras variable, made before the first step and written in place.
 
         Args:
             initial_value: The initial value (its shape is the variable's).
