@@ -203,11 +203,10 @@ def safe_norms(values: Sequence[Any], *, jit_compile: bool = False) -> torch.Ten
         return torch.zeros((0,), dtype=torch.float32)
     dense = [value if value.dtype == torch.float32 else value.float() for value in values]
     plain = torch.stack(torch._foreach_norm(dense))
-    finite = torch.isfinite(plain)
     if _readable(plain) and all(map(math.isfinite, plain.tolist())):
         return plain
     scaled = torch.stack(torch._foreach_norm(torch._foreach_mul(dense, _DOWN)))
-    return torch.where(finite, plain, scaled * _UP)
+    return torch.where(torch.isfinite(plain), plain, scaled * _UP)
 
 
 def all_finite(values: Sequence[Any]) -> torch.Tensor:
