@@ -1,13 +1,23 @@
 """The step hook wherever Keras trains: models built by their first batch, custom steps
-with several optimizers (GAN, VAE), and fit after fit without a new trace."""
+with several optimizers (GAN, VAE), and fit after fit without a new trace.
+
+Each custom `train_step` is written the way its backend's guide writes it: with
+`tf.GradientTape` and `optimizer.apply_gradients` on TensorFlow; on JAX stateless
+(Keras's "customizing what happens in fit() with JAX"): `jax.value_and_grad` of the
+loss at the step's values, each optimizer's `stateless_apply`, the new state returned.
+Reference gradients come from each backend's own autodiff (`autodiff`).
+"""
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+import autodiff
 import kgrad
 from test_gradient_norm_logger import _data  # the shared test data
+from test_gradient_norm_logger import _hand_norms
+
+pytestmark = pytest.mark.backends("tensorflow", "jax")
 
 BATCH = 16
 
@@ -31,20 +41,6 @@ def _input_less_sequential():
             keras.layers.Dense(1, name="out"),
         ]
     )
-
-
-def _hand_norms(model, x, y):
-    """{(layer, variable): [norm per batch]} by GradientTape at the current weights."""
-    out = {}
-    for start in range(0, len(x), BATCH):
-        xb, yb = x[start : start + BATCH], y[start : start + BATCH]
-        with tf.GradientTape() as tape:
-            loss = model.compute_loss(x=xb, y=yb, y_pred=model(xb, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        for item in kgrad.track_variables(model):
-            key = (item.layer, item.name)
-            out.setdefault(key, []).append(float(tf.norm(grads[item.index])))
-    return out
 
 
 def _count_traces(model):
@@ -144,7 +140,8 @@ def test_a_new_compile_gets_a_new_trace_with_the_new_optimizer():
 
 class TwoOptimizerGAN(keras.Model):
     """keras-io's GAN pattern, deterministic: `compile(d_optimizer=, g_optimizer=)`,
-    a `train_step` calling both optimizers, no `call()`."""
+    a `train_step` calling both optimizers, no `call()` (the step is the backend's:
+    `TapeGAN`, `StatelessGAN`)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -174,18 +171,90 @@ class TwoOptimizerGAN(keras.Model):
         g_loss = keras.ops.mean(keras.ops.softplus(-fake_score))
         return d_loss, g_loss
 
+    def parts(self):
+        """(optimizer name, sub-model, index of its loss in `losses_of`), in step order."""
+        return (("d_optimizer", self.discriminator, 0), ("g_optimizer", self.generator, 1))
+
+
+def _latent(real):
+    return real[:, :4] * 0.5  # deterministic "noise", so steps can be redone
+
+
+class TapeGAN(TwoOptimizerGAN):
     def train_step(self, data):
+        import tensorflow as tf
+
         real = data
-        latent = real[:, :4] * 0.5  # deterministic "noise", so steps can be redone
-        with tf.GradientTape() as tape:
-            d_loss, _ = self.losses_of(real, latent)
-        d_vars = self.discriminator.trainable_variables
-        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
-        with tf.GradientTape() as tape:
-            _, g_loss = self.losses_of(real, latent)
-        g_vars = self.generator.trainable_variables
-        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
-        return {"d_loss": d_loss, "g_loss": g_loss}
+        losses = {}
+        for name, sub, index in self.parts():
+            with tf.GradientTape() as tape:
+                losses[name] = self.losses_of(real, _latent(real))[index]
+            variables = sub.trainable_variables
+            grads = tape.gradient(losses[name], variables)
+            getattr(self, name).apply_gradients(zip(grads, variables))
+        return {"d_loss": losses["d_optimizer"], "g_loss": losses["g_optimizer"]}
+
+
+class OptimizerStates(keras.optimizers.Optimizer):
+    """`model.optimizer` of a JAX step with optimizers of its own.
+
+    Keras's JAX trainer carries `model.optimizer.variables`, and no other optimizer's,
+    through its jitted step; this optimizer's variables are also those of the
+    optimizers it holds (as a `LossScaleOptimizer`'s are its inner optimizer's), so
+    that their state travels in the step's state too. It is never called itself.
+    """
+
+    def __init__(self, optimizers):
+        super().__init__(learning_rate=0.0, name="optimizer_states")
+        self.held = list(optimizers)
+
+    @property
+    def variables(self):
+        return self._variables + [v for held in self.held for v in held.variables]
+
+    def split(self, values):
+        """`values` of `variables` as [own values, values of each held optimizer]."""
+        sizes = [len(self._variables)] + [len(held.variables) for held in self.held]
+        bounds = np.cumsum([0] + sizes)
+        return [list(values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class StatelessGAN(TwoOptimizerGAN):
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile(d_optimizer, g_optimizer)
+        for name, sub, _ in self.parts():
+            getattr(self, name).build(sub.trainable_variables)
+        self.optimizer = OptimizerStates([d_optimizer, g_optimizer])
+        self.built = True  # no `call()` for Keras to build the model with
+
+    def train_step(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        own, *held = self.optimizer.split(optimizer_values)
+        real = data
+        positions = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        trainable = list(trainable)
+        losses, new_held = {}, []
+        for (name, sub, index), values in zip(self.parts(), held):
+
+            def loss(trainable_values, index=index):
+                mapping = list(zip(self.trainable_variables, trainable_values))
+                mapping += list(zip(self.non_trainable_variables, non_trainable))
+                with keras.StatelessScope(state_mapping=mapping):
+                    return self.losses_of(real, _latent(real))[index]
+
+            losses[name], grads = jax.value_and_grad(loss)(trainable)
+            mine = [positions[id(v)] for v in sub.trainable_variables]
+            updated, values = getattr(self, name).stateless_apply(
+                values, [grads[i] for i in mine], [trainable[i] for i in mine]
+            )
+            new_held.append(values)
+            for i, value in zip(mine, updated):
+                trainable[i] = value
+        optimizer_values = own + [v for values in new_held for v in values]
+        logs = {"d_loss": losses["d_optimizer"], "g_loss": losses["g_optimizer"]}
+        return logs, (trainable, non_trainable, optimizer_values, metrics_values)
 
 
 def _gan_hand_norms(gan, real):
@@ -193,26 +262,23 @@ def _gan_hand_norms(gan, real):
     out = {"d_optimizer": ({}, []), "g_optimizer": ({}, [])}
     for start in range(0, len(real), BATCH):
         batch = real[start : start + BATCH]
-        latent = batch[:, :4] * 0.5
-        for name, sub, index in (
-            ("d_optimizer", gan.discriminator, 0),
-            ("g_optimizer", gan.generator, 1),
-        ):
-            with tf.GradientTape() as tape:
-                loss = gan.losses_of(batch, latent)[index]
-            grads = tape.gradient(loss, sub.trainable_variables)
+        for name, sub, index in gan.parts():
+            _, grads = autodiff.variable_gradients(
+                lambda: gan.losses_of(batch, _latent(batch))[index], sub.trainable_variables
+            )
             per_variable, global_norms = out[name]
             for variable, grad in zip(sub.trainable_variables, grads):
                 layer = f"{sub.name}/{variable.path.split('/')[-2]}"
                 per_variable.setdefault((layer, variable.name), []).append(
-                    float(tf.norm(grad))
+                    autodiff.norm(grad)
                 )
-            global_norms.append(float(tf.linalg.global_norm(grads)))
+            global_norms.append(float(np.sqrt(sum(autodiff.norm(g) ** 2 for g in grads))))
     return out
 
 
 def _gan(learning_rate=0.0):
-    gan = TwoOptimizerGAN(name="gan")
+    gan_class = StatelessGAN if autodiff.BACKEND == "jax" else TapeGAN
+    gan = gan_class(name="gan")
     gan.compile(
         d_optimizer=keras.optimizers.SGD(learning_rate),
         g_optimizer=keras.optimizers.SGD(learning_rate),
@@ -220,7 +286,7 @@ def _gan(learning_rate=0.0):
     return gan
 
 
-def test_gan_records_per_optimizer_equal_gradient_tape():
+def test_gan_records_per_optimizer_equal_hand_gradients():
     real, _ = _data()
     gan = _gan()
     logger = kgrad.GradientNormLogger()
@@ -306,6 +372,18 @@ def test_gan_monitor_judges_each_optimizer_on_its_own():
         monitor.report(optimizer="optimizer")
 
 
+def test_gan_early_stopping_reads_each_optimizer_mid_epoch():
+    real, _ = _data(n=4 * BATCH)
+    real[BATCH + 3, 5] = np.nan  # the second batch: the discriminator's loss, then all
+    gan = _gan()
+    stopper = kgrad.EarlyStopping(monitor="d_loss", mode="min")
+    gan.fit(real, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[stopper])
+    assert stopper.stop_reason == (
+        "non-finite gradient (d_optimizer, g_optimizer) at epoch 1, batch 2"
+    )
+    assert int(gan.d_optimizer.iterations.numpy()) == 2
+
+
 # -- a VAE: its own step, one optimizer, no call() ---------------------------------------
 
 
@@ -329,7 +407,11 @@ class TinyVAE(keras.Model):
         kl = -0.5 * keras.ops.mean(1 + log_var - mean**2 - keras.ops.exp(log_var))
         return keras.ops.mean((x - reconstruction) ** 2) + kl
 
+
+class TapeVAE(TinyVAE):
     def train_step(self, data):
+        import tensorflow as tf
+
         with tf.GradientTape() as tape:
             loss = self.loss_of(data)
         grads = tape.gradient(loss, self.trainable_variables)
@@ -337,21 +419,52 @@ class TinyVAE(keras.Model):
         return {"loss": loss}
 
 
+class StatelessVAE(TinyVAE):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # no `call()` for Keras to build the model with
+
+    def train_step(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_values, metrics_values = state
+
+        def loss(trainable_values):
+            mapping = list(zip(self.trainable_variables, trainable_values))
+            mapping += list(zip(self.non_trainable_variables, non_trainable))
+            with keras.StatelessScope(state_mapping=mapping):
+                return self.loss_of(data)
+
+        loss_value, grads = jax.value_and_grad(loss)(trainable)
+        trainable, optimizer_values = self.optimizer.stateless_apply(
+            optimizer_values, grads, trainable
+        )
+        state = (trainable, non_trainable, optimizer_values, metrics_values)
+        return {"loss": loss_value}, state
+
+
+def _backend_model(tape_class, stateless_class, name):
+    """The model whose `train_step` is written for this run's backend."""
+    return (stateless_class if autodiff.BACKEND == "jax" else tape_class)(name=name)
+
+
 def test_vae_with_its_own_step_records_exact_norms():
     x, _ = _data()
-    vae = TinyVAE(name="vae")
+    vae = _backend_model(TapeVAE, StatelessVAE, "vae")
     vae.compile(optimizer=keras.optimizers.Adam(0.0))
     logger = kgrad.GradientNormLogger()
     vae.fit(x, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
     frame = logger.to_dataframe()
     assert {"encoder/enc", "encoder/stats", "decoder/dec"} == set(frame.layer.astype(str))
-    for start, step in zip(range(0, len(x), BATCH), sorted(set(frame.step))):
-        with tf.GradientTape() as tape:
-            loss = vae.loss_of(x[start : start + BATCH])
-        grads = tape.gradient(loss, vae.trainable_variables)
+    steps = sorted(set(frame.step))
+    assert len(steps) == 2
+    for start, step in zip(range(0, len(x), BATCH), steps):
+        _, grads = autodiff.variable_gradients(
+            lambda: vae.loss_of(x[start : start + BATCH]), vae.trainable_variables
+        )
         np.testing.assert_allclose(
             frame[frame.step == step].global_norm.iloc[0],
-            float(tf.linalg.global_norm(grads)),
+            np.sqrt(sum(autodiff.norm(g) ** 2 for g in grads)),
             rtol=1e-5,
         )
 
@@ -366,7 +479,11 @@ class NoOptimizerStep(keras.Model):
     def call(self, x):
         return self.dense(x)
 
+
+class TapeNoOptimizerStep(NoOptimizerStep):
     def train_step(self, data):
+        import tensorflow as tf
+
         x, y = data
         with tf.GradientTape() as tape:
             loss = keras.ops.mean((self(x) - y) ** 2)
@@ -375,10 +492,32 @@ class NoOptimizerStep(keras.Model):
         return {"loss": loss}
 
 
+class StatelessNoOptimizerStep(NoOptimizerStep):
+    def train_step(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        x, y = data
+
+        def loss(trainable_values):
+            y_pred, _ = self.stateless_call(trainable_values, non_trainable, x)
+            return keras.ops.mean((y_pred - y) ** 2)
+
+        loss_value, grads = jax.value_and_grad(loss)(trainable)
+        trainable = [value - 0.01 * grad for value, grad in zip(trainable, grads)]
+        state = (trainable, non_trainable, optimizer_values, metrics_values)
+        return {"loss": loss_value}, state
+
+
+def _by_hand():
+    model = _backend_model(TapeNoOptimizerStep, StatelessNoOptimizerStep, "by_hand")
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
 def test_a_step_without_a_keras_optimizer_gets_advice_that_works():
     x, y = _data()
-    model = NoOptimizerStep(name="by_hand")
-    model.compile(optimizer="sgd", loss="mse")
+    model = _by_hand()
     with pytest.raises(RuntimeError, match="called none of the Keras optimizers") as error:
         model.fit(x, y, epochs=1, verbose=0, callbacks=[kgrad.GradientNormLogger()])
     assert "probe_data=" in str(error.value)
@@ -400,8 +539,7 @@ def test_an_unbuilt_model_is_judged_frozen_once_built():
 
 def test_the_monitor_names_itself_and_its_remedy_for_a_step_without_optimizer():
     x, y = _data()
-    model = NoOptimizerStep(name="by_hand")
-    model.compile(optimizer="sgd", loss="mse")
+    model = _by_hand()
     monitor = kgrad.GradientHealthMonitor(verbose=0)
     with pytest.raises(RuntimeError, match="^GradientHealthMonitor could not reach.*loss_fn="):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
@@ -412,18 +550,18 @@ def test_probe_mode_with_loss_fn_on_a_model_without_call():
     gan = _gan()
 
     def d_loss(model, batch):
-        return model.losses_of(batch, batch[:, :4] * 0.5)[0]
+        return model.losses_of(batch, _latent(batch))[0]
 
     logger = kgrad.GradientNormLogger(probe_data=real[:BATCH], loss_fn=d_loss)
     gan.fit(real, batch_size=BATCH, epochs=1, verbose=0, callbacks=[logger])
     frame = logger.to_dataframe()
     assert set(frame.optimizer) == {"probe"} and len(logger.records) == 2
-    with tf.GradientTape() as tape:
-        loss = d_loss(gan, real[:BATCH])
-    grads = tape.gradient(loss, gan.discriminator.trainable_variables)
+    _, grads = autodiff.variable_gradients(
+        lambda: d_loss(gan, real[:BATCH]), gan.discriminator.trainable_variables
+    )
     kernel = frame[(frame.layer == "discriminator/d_dense") & (frame.variable == "kernel")]
     # lr 0: both probes see the same weights, so the same gradient.
-    np.testing.assert_allclose(kernel.grad_norm, [float(tf.norm(grads[0]))] * 2, rtol=1e-5)
+    np.testing.assert_allclose(kernel.grad_norm, [autodiff.norm(grads[0])] * 2, rtol=1e-5)
     # The generator's layers get the discriminator loss's gradient through the fakes.
     assert (frame[frame.layer.astype(str).str.startswith("generator")].grad_norm > 0).all()
 

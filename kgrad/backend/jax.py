@@ -177,7 +177,9 @@ _POSITIONS: dict[int, int] = {}
 
 
 def _position(optimizer: keras.optimizers.Optimizer, variable: keras.Variable) -> int | None:
-    tracked = _tracked(optimizer)
+    # The state holds `optimizer.variables`: with a `LossScaleOptimizer`'s inner
+    # optimizer, or other optimizers whose state a custom step carries, past its own.
+    tracked = optimizer.variables
     position = _POSITIONS.get(id(variable))
     if position is None or position >= len(tracked) or tracked[position] is not variable:
         position = next((i for i, v in enumerate(tracked) if v is variable), None)

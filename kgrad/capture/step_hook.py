@@ -371,14 +371,30 @@ class StepHook:
                 return self._apply(_name, _original, grads, trainable_variables)
 
             optimizer.apply = apply
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                # JAX's step calls `stateless_apply`, which this optimizer does not
+                # route through `apply`: it calls its inner optimizer's inside a
+                # branch on the gradients' finiteness, where state cannot be written.
+                original_stateless = optimizer.stateless_apply
+
+                def stateless_apply(
+                    optimizer_variables, grads, trainable_variables,
+                    _name=name, _original=original_stateless,
+                ):
+                    return self._stateless_apply(
+                        _name, _original, optimizer_variables, grads, trainable_variables
+                    )
+
+                optimizer.stateless_apply = stateless_apply
             self._wrapped[name] = (optimizer, original)
             self.backend.track(optimizer, self._made.get(name, []))
 
     def _uninstall(self) -> None:
         for name, (optimizer, _) in self._wrapped.items():
             # The instance attribute shadows the class method; deleting it restores it.
-            if "apply" in vars(optimizer):
-                del optimizer.apply
+            for method in ("apply", "stateless_apply"):
+                if method in vars(optimizer):
+                    delattr(optimizer, method)
             self.backend.untrack(optimizer, self._made.get(name, []))
         self._wrapped = {}
 
@@ -409,6 +425,48 @@ class StepHook:
             with keras.name_scope(optimizer.name, caller=optimizer):
                 optimizer.build(variables)
             optimizer.built = True
+        grads = self._run_participants(name, participants, grads, variables)
+        result = original(grads, trainable_variables)
+        self.backend.increment(self._steps[name], 1)
+        return result
+
+    def _stateless_apply(
+        self,
+        name: str,
+        original: Any,
+        optimizer_variables: Sequence[Any],
+        grads: Sequence[Any],
+        trainable_variables: Sequence[Any],
+    ) -> Any:
+        """A `LossScaleOptimizer`'s `stateless_apply`: the participants run before
+        its branch on finiteness, in a scope over the step's values, and their
+        writes go on to it in `optimizer_variables`."""
+        optimizer = self.optimizers[name]
+        self._traced.setdefault(self._key, set()).add(name)
+        grads = list(grads)
+        participants = [p for p in self._participants.values() if p.wants(name)]
+        if not participants or not grads:
+            return original(optimizer_variables, grads, trainable_variables)
+        variables = list(optimizer._trainable_variables)
+        mapping = list(zip(variables, trainable_variables)) + list(
+            zip(optimizer.variables, optimizer_variables)
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            grads = self._run_participants(name, participants, grads, variables)
+            self.backend.increment(self._steps[name], 1)
+        written = [scope.get_current_value(v) for v in optimizer.variables]
+        return original(written, grads, trainable_variables)
+
+    def _run_participants(
+        self,
+        name: str,
+        participants: list[_Participant],
+        grads: Gradients,
+        variables: list[keras.Variable],
+    ) -> Gradients:
+        """Runs the transforms and observers on one call's gradients; returns the
+        gradients to hand on to the optimizer (scaled and shared as it expects)."""
+        optimizer = self.optimizers[name]
         scale = self._loss_scale(optimizer)
         scaled = self.backend.scale_gradient
         unscaled = grads if scale is None else [scaled(g, 1.0 / scale) for g in grads]
@@ -443,6 +501,4 @@ class StepHook:
                 share = 1.0 / replicas if replicas > 1 else 1.0
                 factor = share if scale is None else scale * share
                 grads = [scaled(g, factor) for g in transformed]
-        result = original(grads, trainable_variables)
-        self.backend.increment(step_variable, 1)
-        return result
+        return grads
