@@ -27,8 +27,9 @@ SUPPORT = {
     ),
     "torch": (
         "GradientNormLogger (on the real training step, every option but "
-        "`probe_data` and `histogram_every_n_steps`), EarlyStopping, "
-        "LearningRateWarmup and WarmupSchedule, the zoo's builders and searches, "
+        "`probe_data` and `histogram_every_n_steps`), GradientClipping (every "
+        "mode), EarlyStopping, LearningRateWarmup and WarmupSchedule, the zoo's "
+        "builders and searches, "
         "and the records, plots and reports made from the logger's logs"
     ),
 }
