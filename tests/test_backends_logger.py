@@ -370,41 +370,14 @@ def test_overflowing_squares_are_recorded_finite():
     np.testing.assert_allclose(norm, 2e21, rtol=1e-5)
 
 
-# What each backend does not support yet: it says so before any step.
-UNPORTED = {
-    "torch": {
-        "GradientHealthMonitor": lambda: kgrad.GradientHealthMonitor(),
-        "GradientNormLogger(probe_data=...)": lambda: kgrad.GradientNormLogger(
-            probe_data=_data()
-        ),
-    },
-}
-# Functions that differentiate a probe loss.
-UNPORTED_FUNCTIONS = {"torch": ["diagnose", "probe_gradients"]}
-
-
-@pytest.mark.backends(*UNPORTED)
-@pytest.mark.parametrize("name", sorted(UNPORTED.get(backend.name(), {})))
-def test_unported_callbacks_say_so_before_training(name):
+def test_a_feature_outside_its_backends_says_so_with_what_works_here():
+    # Every kgrad feature runs on every backend now; `backend.require` stays the
+    # way a feature says it does not (checked before any step).
     here = backend.name()
-    model = _compiled("functional")
-    before = [np.array(v.numpy()) for v in model.trainable_variables]
-    x, y = _data()
-    with pytest.raises(NotImplementedError, match=rf"'{here}' backend.*GradientNormLogger"):
-        model.fit(x, y, epochs=1, verbose=0, callbacks=[UNPORTED[here][name]()])
-    for a, b in zip(before, model.trainable_variables):
-        np.testing.assert_array_equal(a, b.numpy())  # not one step was taken
-
-
-@pytest.mark.backends(*UNPORTED_FUNCTIONS)
-@pytest.mark.parametrize("function", UNPORTED_FUNCTIONS.get(backend.name(), []))
-def test_unported_functions_say_so(function):
-    here = backend.name()
-    model = _compiled("functional")
-    x, y = _data()
-    call = {
-        "diagnose": lambda: kgrad.diagnose(model, x),
-        "probe_gradients": lambda: kgrad.probe_gradients(model, x, y),
-    }[function]
-    with pytest.raises(NotImplementedError, match=rf"{function}.*does not support .*'{here}'"):
-        call()
+    with pytest.raises(NotImplementedError) as raised:
+        backend.require("SomeFeature", backends=("elsewhere",))
+    message = str(raised.value)
+    assert f"SomeFeature does not support Keras's '{here}' backend yet" in message
+    assert backend.SUPPORT[here] in message
+    assert "KERAS_BACKEND=tensorflow" in message
+    backend.require("SomeFeature", backends=(here,))  # no error where it runs

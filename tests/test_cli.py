@@ -12,7 +12,7 @@ import pytest
 import kgrad
 from kgrad import cli
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 def _sigmoid_model(depth=10, width=16):

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from kgrad.plots.profile import format_factor  # noqa: E402
 from zoo import demo  # noqa: E402
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 @pytest.fixture(scope="module")

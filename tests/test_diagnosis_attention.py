@@ -10,7 +10,7 @@ from kgrad.capture.variables import walk_layers
 from kgrad.diagnosis.fixes import NetworkContext
 from kgrad.diagnosis.stalled import STALLED_FACTOR, detect_stalled
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 def _transformer_block(dead_branch=False):

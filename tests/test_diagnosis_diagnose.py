@@ -8,7 +8,7 @@ import autodiff
 import kgrad
 from kgrad.diagnosis import fixes
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 def _x(n=256, features=16, seed=0):

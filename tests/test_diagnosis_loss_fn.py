@@ -14,7 +14,7 @@ from kgrad.capture.probe import (
     sub_models,
 )
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 def _x(n=64, features=6, seed=0):
@@ -117,6 +117,9 @@ def test_vae_loss_fn_records_every_sub_model_layer_as_a_hand_gradient_tape():
     # backend's autodiff: each layer output's gradient is that of the loss as a
     # function of that output.
     layers = {name: _layer(vae, name) for name in names}
+    # A tensor, as `fit` hands `train_step` (on torch a NumPy array minus a tensor
+    # that requires grad fails).
+    target = keras.ops.convert_to_tensor(x)
 
     def kl(z_mean, z_log_var):
         return -0.5 * keras.ops.mean(
@@ -125,7 +128,7 @@ def test_vae_loss_fn_records_every_sub_model_layer_as_a_hand_gradient_tape():
 
     def from_decoded(decoded):
         out = layers["decoder/dec_out"](decoded)
-        return keras.ops.mean(keras.ops.square(out - x))
+        return keras.ops.mean(keras.ops.square(out - target))
 
     def from_latent(z_mean, z_log_var):
         return from_decoded(layers["decoder/dec_hidden"](z_mean)) + kl(z_mean, z_log_var)
@@ -143,7 +146,7 @@ def test_vae_loss_fn_records_every_sub_model_layer_as_a_hand_gradient_tape():
     of_mean, of_log_var = autodiff.gradients(from_latent, z_mean, z_log_var)
     (of_decoded,) = autodiff.gradients(from_decoded, decoded)
     (of_out,) = autodiff.gradients(
-        lambda o: keras.ops.mean(keras.ops.square(o - x)), out
+        lambda o: keras.ops.mean(keras.ops.square(o - target)), out
     )
     outputs = [of_hidden, of_mean, of_log_var, of_decoded, of_out]
     kernels = [layers[name].kernel for name in names]
@@ -215,7 +218,7 @@ def test_probe_gradients_with_loss_fn_equal_a_hand_gradient_tape():
     vae, x = VAE(), _x(16)
     loss, gradients = probe_gradients(vae, x, loss_fn=vae_loss)
     expected_loss, expected = autodiff.variable_gradients(
-        lambda: vae_loss(vae, x), vae.trainable_variables
+        lambda: vae_loss(vae, keras.ops.convert_to_tensor(x)), vae.trainable_variables
     )
     assert float(loss) == pytest.approx(expected_loss, rel=1e-6)
     assert len(gradients) == len(vae.trainable_variables) == 10
@@ -226,7 +229,8 @@ def test_probe_gradients_with_loss_fn_equal_a_hand_gradient_tape():
     y = _x(16, seed=1)
     loss, _ = probe_gradients(vae, x, y, loss_fn=_recording_paired_loss(seen))
     assert isinstance(seen[0], tuple) and len(seen[0]) == 2
-    expected_loss = _recording_paired_loss([])(vae, (x, y))
+    tensors = tuple(keras.ops.convert_to_tensor(value) for value in (x, y))
+    expected_loss = _recording_paired_loss([])(vae, tensors)
     assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6)
 
 
@@ -251,7 +255,8 @@ def test_probe_gradients_with_loss_fn_run_inside_a_tf_function():
     )
     loss, _ = compiled()
     assert isinstance(seen[0], tuple) and len(seen[0]) == 2
-    expected_loss = _recording_paired_loss([])(vae, (x, y))
+    tensors = tuple(keras.ops.convert_to_tensor(value) for value in (x, y))
+    expected_loss = _recording_paired_loss([])(vae, tensors)
     assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6)
 
 

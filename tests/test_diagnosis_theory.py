@@ -17,7 +17,7 @@ import kgrad
 from kgrad.diagnosis import fixes
 
 # Theory does not depend on the backend: each one's autodiff must land on it.
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 WIDTH, DEPTH, EXAMPLES = 128, 20, 256
 SEEDS = (0, 1, 2)

@@ -9,7 +9,7 @@ from kgrad.diagnosis import fixes
 from kgrad.diagnosis.activations import has_skip_connection, network_context
 from kgrad.diagnosis.fixes import fixes_for
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
 def _mlp(block=None, initializer="glorot_uniform", depth=4, width=8):

@@ -397,6 +397,7 @@ def test_several_fits_and_deepcopy():
     assert "apply" not in vars(model.optimizer)
 
 
+@pytest.mark.backends("tensorflow", "jax", "torch")
 def test_probe_mode_matches_gradient_tape_on_probe_batch():
     x, y = _data()
     model = _compile(_mlp())
@@ -413,6 +414,7 @@ def test_probe_mode_matches_gradient_tape_on_probe_batch():
     np.testing.assert_allclose(kernel.grad_norm, np.linalg.norm(grads[0]), rtol=1e-5)
 
 
+@pytest.mark.backends("tensorflow", "jax", "torch")
 def test_probe_mode_follows_the_weights_step_by_step():
     # lr > 0: each probe, after step s, holds the gradient of the probe loss and the
     # weight norms at the weights after step s (on JAX: the state that step returned,
@@ -510,6 +512,7 @@ def test_csv_appends_across_runs_and_survives_a_crash(tmp_path):
     )
 
 
+@pytest.mark.backends("tensorflow", "jax", "torch")
 def test_tensorboard_scalars_and_histograms(tmp_path):
     x, y = _data()
     model = _compile(_mlp())
@@ -525,6 +528,39 @@ def test_tensorboard_scalars_and_histograms(tmp_path):
             tags.update(value.tag for value in event.summary.value)
     assert {"grad_norm/global", "grad_norm/first_to_last", "grad_norm/dense_a/kernel"} <= tags
     assert "grad/dense_a/kernel" in tags
+
+
+@pytest.mark.backends("tensorflow", "jax", "torch")
+@pytest.mark.parametrize("jit_compile", [True, False])  # XLA, jax.jit, torch.compile
+def test_histograms_hold_the_gradient_of_their_step(jit_compile, tmp_path, monkeypatch):
+    from kgrad.records.tensorboard_sink import TensorBoardSink
+
+    written = []
+    monkeypatch.setattr(
+        TensorBoardSink, "write_histograms", lambda self, step, values: written.append(
+            (step, dict(values))
+        ),
+    )
+    x, y = _data()  # 2 steps per epoch; lr=0: every step at the same weights
+    model = _compile(_mlp(), jit_compile=jit_compile)
+    logger = kgrad.GradientNormLogger(
+        tensorboard_dir=tmp_path / "tb", histogram_every_n_steps=3
+    )
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+              callbacks=[logger])
+    # The copy kept by each epoch's end: step 0 (batch 0), then step 3 (batch 1).
+    assert [step for step, _ in written] == [0, 3]
+    for (step, values), start in zip(written, (0, BATCH)):
+        xb, yb = x[start : start + BATCH], y[start : start + BATCH]
+        _, grads = autodiff.variable_gradients(
+            lambda: model.compute_loss(x=xb, y=yb, y_pred=model(xb, training=True)),
+            model.trainable_variables,
+        )
+        for item in kgrad.track_variables(model):
+            np.testing.assert_allclose(
+                values[f"{item.layer}/{item.name}"], grads[item.index],
+                rtol=1e-5, atol=1e-7, err_msg=f"step {step}",
+            )
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])

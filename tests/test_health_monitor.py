@@ -11,7 +11,7 @@ import pytest
 import kgrad
 from kgrad.callbacks.gradient_health_monitor import GradientHealthWarning
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 HEALTH_KEYS = {
     "health/decay",
@@ -527,6 +527,12 @@ def test_own_logger_leaves_weight_norms_to_the_probes():
         )
 
 
+@pytest.mark.backends(
+    "tensorflow",
+    "jax",
+    reason="Keras's torch trainer runs one step per execution "
+    "(steps_per_execution must be 1 there)",
+)
 def test_probes_with_steps_per_execution_follow_the_steps_that_ran():
     # Batch hooks come every 4 steps: a probe runs before each execution (after the
     # previous one's last step) and at the epoch end, labelled with that step.
@@ -543,14 +549,15 @@ def test_probes_with_steps_per_execution_follow_the_steps_that_ran():
     assert dead[0].evidence["dead_units"] == {"d1": 6}
 
 
-def test_a_probe_in_the_middle_of_an_epoch_reads_the_weights_of_that_step():
+@pytest.mark.parametrize("jit_compile", [True, False])  # XLA, jax.jit, torch.compile
+def test_a_probe_in_the_middle_of_an_epoch_reads_the_weights_of_that_step(jit_compile):
     # One probe, after step 0 of four (the next due one would be after step 999): its
     # weight norms and movement are those of the weights after exactly one SGD step,
     # not of the epoch's start or end (on JAX the variables hold neither mid-epoch:
     # the probe reads the state the last step returned).
     x, y = _data(64)
     model = _dead_net(dead=0, width=8)
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=jit_compile)
     initial = model.get_weights()
     monitor = kgrad.GradientHealthMonitor(
         probe_data=x, probe_every_n_steps=1000, verbose=0, max_judge_share=None

@@ -26,11 +26,11 @@ SUPPORT = {
         "and `probe_gradients`, and the records, plots and reports made from them"
     ),
     "torch": (
-        "GradientNormLogger (on the real training step, every option but "
-        "`probe_data` and `histogram_every_n_steps`), GradientClipping (every "
-        "mode), EarlyStopping, LearningRateWarmup and WarmupSchedule, the zoo's "
-        "builders and searches, "
-        "and the records, plots and reports made from the logger's logs"
+        "GradientNormLogger (every option, on the real training step or in probe "
+        "mode), GradientHealthMonitor, GradientClipping (every mode), "
+        "EarlyStopping, LearningRateWarmup and WarmupSchedule, `diagnose` and "
+        "`probe_gradients`, the zoo's builders and searches, and the records, "
+        "plots and reports made from them"
     ),
 }
 

@@ -15,6 +15,7 @@ are written in place (`index_copy_`, `index_put_`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -227,20 +228,182 @@ def all_finite(values: Sequence[Any]) -> torch.Tensor:
     return torch.isfinite(zeros).all()
 
 
-# -- not ported to torch yet: gradients of a probe loss --------------------------------
-
-_PROBES = (
-    "Differentiating a probe loss (diagnose(), probe_gradients(), "
-    "GradientHealthMonitor, GradientNormLogger(probe_data=...))"
-)
-
-
-def _not_ported(*args: Any, **kwargs: Any) -> Any:
-    from kgrad.backend import unsupported_message
-
-    raise NotImplementedError(unsupported_message(_PROBES, "torch"))
+# -- gradients of a probe loss, and what the layers output on the way ------------------
+# (`diagnose`, `probe_gradients`, the logger's probe mode, the monitor's unit probes.)
+# The same functions as in `kgrad.backend.tensorflow` and `kgrad.backend.jax`. The
+# forward pass runs eagerly inside a `StatelessScope` that maps each differentiated
+# variable to a leaf tensor sharing its storage (`detach()`, no copy) that requires
+# grad, and `torch.autograd.grad` differentiates the loss with respect to those leaves
+# (nothing accumulates in the parameters' `.grad`). The scope also keeps the forward
+# pass's assignments (batch-norm statistics) from the model, as on JAX. Everything
+# returned is detached: a tensor that requires grad cannot be read with `.numpy()`.
 
 
-# The probe functions of the other backends, each raising the same clear error.
-probe_gradients = gradient_function = compiled_probe_step = compiled_step = _not_ported
-UnitStatistics = _not_ported
+def _leaves(variables: Sequence[keras.Variable]) -> list[torch.Tensor]:
+    """A leaf tensor per variable, on the variable's storage, that requires grad
+    (an integer variable's cannot: it gets no gradient)."""
+    leaves = []
+    for variable in variables:
+        leaf = variable.value.detach()
+        if leaf.is_floating_point() or leaf.is_complex():
+            leaf.requires_grad_(True)
+        leaves.append(leaf)
+    return leaves
+
+
+def _detached(value: Any) -> Any:
+    """`value` (a tensor or a nest of them) with every tensor detached."""
+    return keras.tree.map_structure(
+        lambda item: item.detach() if isinstance(item, torch.Tensor) else item, value
+    )
+
+
+def _gradients(loss: torch.Tensor, targets: Sequence[torch.Tensor]) -> list[Any]:
+    """`d loss / d target` for each target; `None` for one that requires no grad or
+    that the loss does not depend on."""
+    differentiable = [i for i, target in enumerate(targets) if target.requires_grad]
+    found: list[Any] = [None] * len(targets)
+    if differentiable and loss.requires_grad:
+        grads = torch.autograd.grad(
+            loss, [targets[i] for i in differentiable], allow_unused=True
+        )
+        for index, gradient in zip(differentiable, grads):
+            found[index] = gradient
+    return found
+
+
+def _differentiable(slot: int, index: int, output: Any) -> Any:
+    """A recorded layer output that autograd can differentiate the loss with respect
+    to: as it is where it depends on a differentiated leaf, else a leaf of its own
+    (the output of a layer with no weights upstream, or of an integer input)."""
+    if (
+        isinstance(output, torch.Tensor)
+        and not output.requires_grad
+        and output.is_floating_point()
+    ):
+        return output.detach().requires_grad_(True)
+    return output
+
+
+def probe_gradients(
+    model: keras.Model,
+    function: Callable[[], tuple[Any, Any]],
+    variables: Sequence[keras.Variable],
+    recorder: Any = None,
+) -> tuple[Any, Any, list[Any], list[list[tuple[Any, Any, Any]]]]:
+    """Runs `function()` at the model's current weights and differentiates its loss.
+
+    The same contract as `kgrad.backend.tensorflow.probe_gradients`: one eager
+    forward pass and one `torch.autograd.grad` with respect to the variables and to
+    each recorded layer output. Non-trainable updates (batch-norm statistics) are
+    not kept, as on JAX. A variable that `function` does not read gets `None`.
+    """
+    variables = list(variables)
+    leaves = _leaves(variables)
+    recording = (
+        contextlib.nullcontext([])
+        if recorder is None
+        else recorder.recording(_differentiable)
+    )
+    with torch.enable_grad(), keras.StatelessScope(
+        list(zip(variables, leaves))
+    ), recording as calls:
+        loss, aux = function()
+    outputs = [output for made in calls for _, output in made]
+    found = _gradients(loss, leaves + outputs)
+    output_gradients = iter(found[len(leaves) :])
+    paired = [
+        [
+            (_detached(given), _detached(output), next(output_gradients))
+            for given, output in made
+        ]
+        for made in calls
+    ]
+    return loss.detach(), _detached(aux), found[: len(leaves)], paired
+
+
+def gradient_function(
+    model: keras.Model, loss: Callable[[], Any], variables: Sequence[keras.Variable]
+) -> Callable[[], tuple[Any, list[Any]]]:
+    """`() -> (loss, gradients)` at the current weights, for repeated probes.
+
+    Eager (a probe runs between steps, where the weights are the parameters
+    themselves); a variable that `loss` does not read gets `None`.
+    """
+    variables = list(variables)
+
+    def gradients() -> tuple[Any, list[Any]]:
+        leaves = _leaves(variables)
+        with torch.enable_grad(), keras.StatelessScope(list(zip(variables, leaves))):
+            value = loss()
+        return value.detach(), _gradients(value, leaves)
+
+    return gradients
+
+
+def compiled_probe_step(
+    model: keras.Model, function: Callable[[Any], None]
+) -> Callable[[int], None]:
+    """`function(step)`, a probe that reads the model's weights and writes state
+    variables, run eagerly and outside autograd (its writes are in place, as the
+    step's; `gradient_function` turns autograd on for its own pass)."""
+
+    def run(step: int) -> None:
+        with torch.no_grad():
+            function(step)
+
+    return run
+
+
+class UnitStatistics:
+    """The monitor's unit probe: `forward(x)` and how far the weights moved since the
+    previous call, eagerly and outside autograd.
+
+    The weights at the previous probe are kept as float32 copies on the device; the
+    movement and the weight norms take one `torch._foreach_norm` each over every
+    watched variable, summed per segment with one `index_add_`. The same contract
+    as `kgrad.backend.tensorflow.UnitStatistics`, with the same arguments.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        forward: Callable[[Any], tuple],
+        variables: Sequence[keras.Variable],
+        segments: Sequence[int],
+    ):
+        self._forward = forward
+        self._variables = list(variables)
+        self._previous = [self._float32(v).clone() for v in self._variables]
+        self._count = max(segments) + 1 if len(segments) else 0
+        device = self._previous[0].device if self._previous else None
+        self._segments = torch.as_tensor(list(segments), dtype=torch.int64, device=device)
+
+    @staticmethod
+    def _float32(variable: keras.Variable) -> torch.Tensor:
+        value = variable.value.detach()
+        return value if value.dtype == torch.float32 else value.float()
+
+    def _per_segment(self, norms: list[torch.Tensor]) -> torch.Tensor:
+        squares = torch.stack(norms).square()
+        total = torch.zeros(self._count, dtype=torch.float32, device=squares.device)
+        return total.index_add_(0, self._segments, squares).sqrt()
+
+    def __call__(self, x: Any) -> tuple[Any, Any, Any]:
+        """`(forward(x), ‖w − w_prev‖ per segment, ‖w‖ per segment)`."""
+        with torch.no_grad():
+            results = self._forward(x)
+            if not self._variables:
+                return results, torch.zeros([0]), torch.zeros([0])
+            weights = [self._float32(v) for v in self._variables]
+            deltas = torch._foreach_norm(torch._foreach_sub(weights, self._previous))
+            norms = torch._foreach_norm(weights)
+            torch._foreach_copy_(self._previous, weights)
+            return results, self._per_segment(deltas), self._per_segment(norms)
+
+    def previous(self, variable: keras.Variable) -> np.ndarray:
+        """The value of `variable` at the last probe (its current value if untracked)."""
+        for watched, value in zip(self._variables, self._previous):
+            if watched is variable:
+                return value.cpu().numpy()
+        return variable.value.detach().cpu().numpy()

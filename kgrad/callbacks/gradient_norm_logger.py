@@ -34,7 +34,7 @@ _UNKNOWN_EPOCH_CAPACITY = 4096
 # The optimizer name of probe mode's records (and of its buffer's variables).
 _PROBE = "probe"
 # The backends whose step keeps the gradient copies of histograms (tested there).
-_HISTOGRAM_BACKENDS = ("tensorflow", "jax")
+_HISTOGRAM_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 class GradientNormLogger(KgradCallback):

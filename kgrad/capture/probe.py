@@ -24,7 +24,7 @@ LossFunction = Callable[[keras.Model, Any], Any]
 
 # The backends whose module differentiates a probe loss (`probe_gradients`,
 # `gradient_function`, `UnitStatistics`): elsewhere the probes say so before any step.
-PROBE_BACKENDS = ("tensorflow", "jax")
+PROBE_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def _first_dimension(value: Any) -> int | None:
@@ -69,9 +69,12 @@ def sub_models(model: keras.Layer) -> list[tuple[str, keras.Layer]]:
         `(attribute, layer)` pairs: `[("generator", ...), ("discriminator", ...)]`
         for keras-io's GAN.
     """
+    # On torch a layer is a `torch.nn.Module`, which keeps the modules it is given
+    # in `_modules`, not in the instance's own attributes.
+    attributes = {**vars(model), **vars(model).get("_modules", {})}
     held = [
         (name, value)
-        for name, value in vars(model).items()
+        for name, value in attributes.items()
         if not name.startswith("_") and isinstance(value, keras.Layer)
     ]
     return [item for item in held if isinstance(item[1], keras.Model)] + [
@@ -169,6 +172,11 @@ def call_loss_fn(loss_fn: LossFunction, model: keras.Model, batch: Any) -> Any:
     Raises:
         ValueError: if the result is not a scalar.
     """
+    # Backend tensors, as `fit` gives `train_step` (on torch, a NumPy array minus a
+    # tensor that requires grad fails: NumPy asks the tensor for its values).
+    batch = keras.tree.map_structure(
+        lambda item: item if item is None else keras.ops.convert_to_tensor(item), batch
+    )
     value = keras.ops.convert_to_tensor(loss_fn(model, batch))
     if len(value.shape) != 0:
         raise _LossFnResultError(
@@ -308,7 +316,8 @@ def probe_gradients(
     step but without loss scaling; or `loss_fn(model, batch)`, for a model whose
     `train_step` computes its own loss (keras-io's GAN and VAE have no `call()`).
     The backend differentiates it: `tf.GradientTape` on TensorFlow (call inside a
-    `tf.function` for speed), `jax.grad` at the current weights on JAX.
+    `tf.function` for speed), `jax.grad` at the current weights on JAX,
+    `torch.autograd.grad` on torch.
 
     Args:
         model: A compiled Keras model (any model with `loss_fn`).
@@ -325,8 +334,9 @@ def probe_gradients(
 
     Returns:
         `(loss, gradients)`, gradients aligned with `model.trainable_variables`
-        (`None` for a variable the loss does not depend on). On JAX a training-mode
-        pass leaves the non-trainable state (batch-norm statistics) unchanged.
+        (`None` for a variable the loss does not depend on). On JAX and torch a
+        training-mode pass leaves the non-trainable state (batch-norm statistics)
+        unchanged.
 
     Example:
 
