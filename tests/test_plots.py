@@ -99,7 +99,6 @@ def test_profile_draws_every_model_with_one_measure():
     np.testing.assert_allclose(ax.lines[1].get_ydata(), no_bias.kernel_grad_norm)
 
 
-@pytest.mark.backends("tensorflow", reason="it draws a diagnose() report; diagnose is not ported yet")
 def test_the_legend_factor_is_the_reports_decay():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

@@ -179,9 +179,6 @@ def test_tuner_results_rejects_a_directory_that_is_not_a_project(tmp_path):
     assert len(zoo.tuner_results(tmp_path, project_name="a")) == 0
 
 
-@pytest.mark.backends(
-    "tensorflow", "jax", reason="GradientClipping is not ported to torch yet"
-)
 def test_fit_uses_a_given_logger_with_clipping_and_warmup(digits):
     x, y, _, _ = digits
     hypermodel = zoo.HyperMLP((64,), 10, depth=2, width=8, block="plain",
