@@ -171,9 +171,8 @@ def main(argv: list[str] | None = None) -> None:
 def _torch_host_reads(fit, configurations, steps: int) -> dict[str, float]:
     """Per configuration, the reads of a tensor's value on the host per step
     (`aten._local_scalar_dense`: `.item()`, `bool(tensor)`; and `.tolist()`) beyond
-    the plain step's, counted in one more fit of each (not timed). On the CPU kgrad
-    reads CPU tensors where that waits for nothing (`kgrad.backend.torch`); on an
-    accelerator and under `torch.compile` it reads none."""
+    the plain step's, counted in one more fit of each (not timed): kgrad's step reads
+    none (`kgrad.backend.torch`); `EarlyStopping`'s batch hook reads its flag."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
