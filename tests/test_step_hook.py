@@ -4,8 +4,11 @@ with several optimizers (GAN, VAE), and fit after fit without a new trace.
 Each custom `train_step` is written the way its backend's guide writes it: with
 `tf.GradientTape` and `optimizer.apply_gradients` on TensorFlow; on JAX stateless
 (Keras's "customizing what happens in fit() with JAX"): `jax.value_and_grad` of the
-loss at the step's values, each optimizer's `stateless_apply`, the new state returned.
-Reference gradients come from each backend's own autodiff (`autodiff`).
+loss at the step's values, each optimizer's `stateless_apply`, the new state returned;
+on torch as in "customizing what happens in fit() with PyTorch": `self.zero_grad()`,
+the forward pass, `loss.backward()`, the gradients from `v.value.grad`, and
+`optimizer.apply` under `torch.no_grad()`. Reference gradients come from each
+backend's own autodiff (`autodiff`).
 """
 
 import keras
@@ -17,7 +20,7 @@ import kgrad
 from test_gradient_norm_logger import _data  # the shared test data
 from test_gradient_norm_logger import _hand_norms
 
-pytestmark = pytest.mark.backends("tensorflow", "jax")
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 BATCH = 16
 
@@ -44,7 +47,14 @@ def _input_less_sequential():
 
 
 def _count_traces(model):
-    """Counts the traces of `model.train_step` (one call per trace when compiled)."""
+    """`traces()`: how many times the step has been traced so far. On TensorFlow and
+    JAX the Python of `model.train_step` runs only while tracing (counted); under
+    `torch.compile`, dynamo's count of the graphs it made (a Python counter in the
+    step would itself make dynamo recompile)."""
+    if keras.backend.backend() == "torch":
+        from torch._dynamo.utils import counters
+
+        return lambda: counters["stats"]["unique_graphs"]
     calls = []
     train_step = model.train_step
 
@@ -53,7 +63,7 @@ def _count_traces(model):
         return train_step(data)
 
     model.train_step = counting
-    return calls
+    return lambda: len(calls)
 
 
 @pytest.mark.parametrize("make", [SubclassedNet, _input_less_sequential])
@@ -91,14 +101,14 @@ def test_unbuilt_model_with_a_filter_that_matches_nothing_fails_at_the_first_ste
 
 
 def _fit_twice_then_plain(model, callbacks, x, y):
-    calls = _count_traces(model)
+    traces = _count_traces(model)
     counts = []
     for kgrad_fit in (True, True, False, False, True):
         model.fit(
             x, y, batch_size=BATCH, epochs=2, verbose=0,
             callbacks=callbacks if kgrad_fit else None,
         )
-        counts.append(len(calls))
+        counts.append(traces())
     return counts
 
 
@@ -107,7 +117,8 @@ def test_fit_after_fit_traces_nothing_new():
     model = keras.Sequential(
         [keras.Input((6,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)]
     )
-    model.compile(optimizer="sgd", loss="mse")
+    # Compiled on every backend (on torch `"auto"` is eager, with nothing to retrace).
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # plain, traced once
     logger = kgrad.GradientNormLogger()
     clipping = kgrad.GradientClipping("agc")
@@ -141,7 +152,7 @@ def test_a_new_compile_gets_a_new_trace_with_the_new_optimizer():
 class TwoOptimizerGAN(keras.Model):
     """keras-io's GAN pattern, deterministic: `compile(d_optimizer=, g_optimizer=)`,
     a `train_step` calling both optimizers, no `call()` (the step is the backend's:
-    `TapeGAN`, `StatelessGAN`)."""
+    `TapeGAN`, `StatelessGAN`, `BackwardGAN`)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -192,6 +203,33 @@ class TapeGAN(TwoOptimizerGAN):
             variables = sub.trainable_variables
             grads = tape.gradient(losses[name], variables)
             getattr(self, name).apply_gradients(zip(grads, variables))
+        return {"d_loss": losses["d_optimizer"], "g_loss": losses["g_optimizer"]}
+
+
+def _backward(loss, variables):
+    """`loss.backward()` from zeroed gradients: the gradients of `variables`, as
+    Keras's PyTorch guide reads them (`v.value.grad`)."""
+    loss.backward()
+    return [v.value.grad for v in variables]
+
+
+class BackwardGAN(TwoOptimizerGAN):
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile(d_optimizer, g_optimizer)
+        self.built = True  # no `call()` for Keras to build the model with
+
+    def train_step(self, data):
+        import torch
+
+        real = data
+        losses = {}
+        for name, sub, index in self.parts():
+            self.zero_grad()
+            losses[name] = self.losses_of(real, _latent(real))[index]
+            variables = sub.trainable_weights
+            grads = _backward(losses[name], variables)
+            with torch.no_grad():
+                getattr(self, name).apply(grads, variables)
         return {"d_loss": losses["d_optimizer"], "g_loss": losses["g_optimizer"]}
 
 
@@ -276,19 +314,30 @@ def _gan_hand_norms(gan, real):
     return out
 
 
-def _gan(learning_rate=0.0):
-    gan_class = StatelessGAN if autodiff.BACKEND == "jax" else TapeGAN
-    gan = gan_class(name="gan")
+def _backend_model(tape_class, stateless_class, backward_class, name):
+    """The model whose `train_step` is written for this run's backend."""
+    classes = {"tensorflow": tape_class, "jax": stateless_class, "torch": backward_class}
+    return classes[autodiff.BACKEND](name=name)
+
+
+def _gan(learning_rate=0.0, jit_compile=None):
+    gan = _backend_model(TapeGAN, StatelessGAN, BackwardGAN, "gan")
     gan.compile(
         d_optimizer=keras.optimizers.SGD(learning_rate),
         g_optimizer=keras.optimizers.SGD(learning_rate),
     )
+    if jit_compile is not None:  # the keras-io `compile` takes the optimizers only
+        gan.jit_compile = jit_compile
     return gan
 
 
-def test_gan_records_per_optimizer_equal_hand_gradients():
+# jit_compile=True: XLA on TensorFlow, jax.jit, torch.compile (on torch "auto" is eager).
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_gan_records_per_optimizer_equal_hand_gradients(jit_compile):
     real, _ = _data()
-    gan = _gan()
+    gan = _gan(jit_compile=jit_compile)
+    traces = _count_traces(gan)
+    before = traces()
     logger = kgrad.GradientNormLogger()
     gan.fit(real, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[logger])
     frame = logger.to_dataframe()
@@ -297,8 +346,6 @@ def test_gan_records_per_optimizer_equal_hand_gradients():
     expected = _gan_hand_norms(gan, real)
     for name, (per_variable, global_norms) in expected.items():
         part = frame[frame.optimizer == name]
-        # Layers keep their sub-model path.
-        assert all(layer.startswith(name[0]) for layer in part.layer.astype(str))
         for (layer, variable), norms in per_variable.items():
             rows = part[(part.layer == layer) & (part.variable == variable)]
             np.testing.assert_allclose(rows.grad_norm, norms * 2, rtol=1e-5)
@@ -306,6 +353,29 @@ def test_gan_records_per_optimizer_equal_hand_gradients():
         np.testing.assert_allclose(globals_, global_norms * 2, rtol=1e-5)
     # The default optimizer that compile() made is never called: nothing of it.
     assert int(gan.optimizer.iterations.numpy()) == 0
+    if keras.backend.backend() == "torch":  # the step ran compiled, or eagerly
+        assert (traces() > before) == jit_compile
+
+
+@pytest.mark.backends(
+    "tensorflow",
+    "jax",
+    reason="on torch an optimizer not built before fit (the PyTorch guide's GAN) gets a "
+    "norm buffer over every tracked variable of the model, made before the first step "
+    "(STATE_BEFORE_STEP): g_optimizer's records carry the discriminator's variables "
+    "with NaN norms, and d_optimizer's the generator's",
+)
+def test_gan_records_of_each_optimizer_hold_only_the_variables_it_updates():
+    real, _ = _data()
+    gan = _gan()
+    logger = kgrad.GradientNormLogger()
+    gan.fit(real, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    frame = logger.to_dataframe()
+    for name, sub, _ in gan.parts():
+        part = frame[frame.optimizer == name]
+        # Layers keep their sub-model path.
+        assert set(part.layer.astype(str)) == {f"{sub.name}/{layer.name}" for layer in sub.layers}
+        assert part.grad_norm.notna().all()
 
 
 def test_gan_clipping_acts_on_both_optimizers_and_the_logger_sees_it():
@@ -443,14 +513,25 @@ class StatelessVAE(TinyVAE):
         return {"loss": loss_value}, state
 
 
-def _backend_model(tape_class, stateless_class, name):
-    """The model whose `train_step` is written for this run's backend."""
-    return (stateless_class if autodiff.BACKEND == "jax" else tape_class)(name=name)
+class BackwardVAE(TinyVAE):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # no `call()` for Keras to build the model with
+
+    def train_step(self, data):
+        import torch
+
+        self.zero_grad()
+        loss = self.loss_of(data)
+        grads = _backward(loss, self.trainable_weights)
+        with torch.no_grad():
+            self.optimizer.apply(grads, self.trainable_weights)
+        return {"loss": loss}
 
 
 def test_vae_with_its_own_step_records_exact_norms():
     x, _ = _data()
-    vae = _backend_model(TapeVAE, StatelessVAE, "vae")
+    vae = _backend_model(TapeVAE, StatelessVAE, BackwardVAE, "vae")
     vae.compile(optimizer=keras.optimizers.Adam(0.0))
     logger = kgrad.GradientNormLogger()
     vae.fit(x, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
@@ -460,7 +541,8 @@ def test_vae_with_its_own_step_records_exact_norms():
     assert len(steps) == 2
     for start, step in zip(range(0, len(x), BATCH), steps):
         _, grads = autodiff.variable_gradients(
-            lambda: vae.loss_of(x[start : start + BATCH]), vae.trainable_variables
+            lambda: vae.loss_of(keras.ops.convert_to_tensor(x[start : start + BATCH])),
+            vae.trainable_variables,
         )
         np.testing.assert_allclose(
             frame[frame.step == step].global_norm.iloc[0],
@@ -509,8 +591,24 @@ class StatelessNoOptimizerStep(NoOptimizerStep):
         return {"loss": loss_value}, state
 
 
+class BackwardNoOptimizerStep(NoOptimizerStep):
+    def train_step(self, data):
+        import torch
+
+        x, y = data
+        self.zero_grad()
+        loss = keras.ops.mean((self(x) - y) ** 2)
+        grads = _backward(loss, self.trainable_weights)
+        with torch.no_grad():
+            for variable, grad in zip(self.trainable_weights, grads):
+                variable.assign_sub(0.01 * grad)
+        return {"loss": loss}
+
+
 def _by_hand():
-    model = _backend_model(TapeNoOptimizerStep, StatelessNoOptimizerStep, "by_hand")
+    model = _backend_model(
+        TapeNoOptimizerStep, StatelessNoOptimizerStep, BackwardNoOptimizerStep, "by_hand"
+    )
     model.compile(optimizer="sgd", loss="mse")
     return model
 
