@@ -227,7 +227,7 @@ def test_layer_patterns_select_layers():
     assert np.all(logged_global.to_numpy() > tracked_only.to_numpy() * (1 + 1e-6))
 
 
-@pytest.mark.backends("tensorflow", "jax")
+@pytest.mark.backends("tensorflow", "jax", "torch")
 def test_mixed_float16_norms_are_unscaled():
     x, y = _data()
     keras.mixed_precision.set_global_policy("mixed_float16")
