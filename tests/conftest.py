@@ -39,9 +39,22 @@ def pytest_configure(config):
         "backends(*names, reason=None): the Keras backends the test runs on "
         "(unmarked: tensorflow only)",
     )
+    config.addinivalue_line(
+        "markers",
+        "slow_on(*names, reason): left out of the default run on those backends, to "
+        "keep CI within its budget (KGRAD_TEST_FULL=1 runs it)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
+    full = os.environ.get("KGRAD_TEST_FULL") == "1"
+    for item in items:
+        slow = item.get_closest_marker("slow_on")
+        if slow and BACKEND in slow.args and not full:
+            item.add_marker(pytest.mark.skip(
+                reason=f"slow on {BACKEND} ({slow.kwargs.get('reason', '')}): "
+                "KGRAD_TEST_FULL=1 runs it"
+            ))
     if os.environ.get("KGRAD_TEST_EVERY_BACKEND") == "1":
         return  # to find what works on a backend before its tests are marked
     for item in items:

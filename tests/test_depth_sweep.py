@@ -16,6 +16,8 @@ from zoo.depth_sweep import COLUMNS  # noqa: E402
 pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
 
 
+@pytest.mark.slow_on("torch", reason="trains nine models eagerly, 140 s on 2 CPU cores; "
+                     "the zoo's builders and searches run on torch by default")
 def test_plain_sigmoid_loses_accuracy_with_depth_while_residual_and_batchnorm_do_not(capsys):
     # Settings checked over seeds 1-3 (Adam 1e-2, 3 epochs, width 32): training accuracy
     # plain 0.74-0.80 at depth 2 and 0.08-0.10 at depth 10; residual (pre-activation)

@@ -238,7 +238,9 @@ class WeightSteps(keras.callbacks.Callback):
         pytest.param(True, marks=pytest.mark.backends("torch", reason="torch.compile of the step")),
     ],
 )
-@pytest.mark.parametrize("how", ["callback", "schedule"])
+@pytest.mark.parametrize("how", [
+    "callback", pytest.param("schedule", marks=pytest.mark.slow_on("torch", reason="torch.compile traces Keras's step for 40-100 s on 2 CPU cores; one compiled case per feature runs by default"))
+])
 def test_the_step_applies_the_warmup_rate(how, jit_compile):
     """What SGD applied: |dw| / |g| of each step (g as the logger records it) is the
     warmup rate of that step, with the callback and with the schedule."""

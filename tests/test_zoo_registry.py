@@ -150,6 +150,7 @@ def test_register_model_requires_a_builder():
         zoo.register_model("build_mlp")
 
 
+@pytest.mark.slow_on("torch", reason="six eager epochs on digits, 45 s on 2 CPU cores")
 def test_a_registered_model_trains_on_digits():
     data = zoo.datasets.load("digits")
     model = zoo.create_model("mlp_residual_bn")
