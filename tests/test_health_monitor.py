@@ -584,3 +584,124 @@ def test_a_probe_in_the_middle_of_an_epoch_reads_the_weights_of_that_step(jit_co
         assert monitor.unit_health.update_ratios[layer] == pytest.approx(
             moved / norm, rel=1e-4
         )
+
+
+def _refit(model, x, y, monitor):
+    model.fit(x, y, batch_size=16, verbose=0, callbacks=[monitor])
+    return monitor.report().units.set_index("site")["dead_units"]
+
+
+def _layer_norm(weights, pair):
+    return np.sqrt(sum(np.sum(weights[i].astype(float) ** 2) for i in pair))
+
+
+def test_a_second_fit_probes_the_new_weights_with_the_same_probe():
+    # The probe is kept for the model; `set_weights` between fits is seen by the
+    # next fit's first probe (weight norms, movement from the new weights, units the
+    # new biases silence). Another model gets a probe of its own.
+    x, y = _data(64)
+    model = _dead_net(dead=0, width=8)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")  # weights stay
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=x, dead_after_probes=1, verbose=0, max_judge_share=None
+    )
+    assert _refit(model, x, y, monitor)["d1"] == 0
+    probe = monitor._kept_probe
+    weights = [w * 2.0 for w in model.get_weights()]
+    weights[3][:3] = -100.0  # three units of d1 never fire now
+    model.set_weights(weights)
+    assert _refit(model, x, y, monitor)["d1"] == 3
+    assert monitor._kept_probe is probe
+    for layer, pair in zip(["d0", "d1", "out"], ((0, 1), (2, 3), (4, 5))):
+        norm = _layer_norm(weights, pair)
+        assert monitor.unit_health.weight_norms[layer] == pytest.approx(norm, rel=1e-5)
+        assert monitor.unit_health.update_ratios[layer] == 0.0  # since the new ones
+    monitor.probe_data = np.zeros((8, 3), "float32")  # checked again
+    with pytest.raises(ValueError, match="`probe_data` does not fit model"):
+        _refit(model, x, y, monitor)
+    monitor.probe_data = x
+    other = _dead_net(dead=0, width=8)
+    other.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    _refit(other, x, y, monitor)
+    assert monitor._kept_probe is not probe
+    assert monitor.unit_health.weight_norms["d0"] == pytest.approx(
+        _layer_norm(other.get_weights(), (0, 1)), rel=1e-5
+    )
+
+
+@pytest.mark.backends(
+    "tensorflow",
+    "jax",
+    reason="the probe is compiled there (tf.function, jax.jit); torch runs it eagerly",
+)
+def test_a_second_fit_traces_the_probe_again_only_for_new_shapes_or_models(
+    monkeypatch,
+):
+    from kgrad.diagnosis.unit_probe import UnitProbe
+
+    traces = []
+    forward = UnitProbe._statistics
+
+    def counted(self, x):  # runs only while the backend traces the probe
+        traces.append(self)
+        return forward(self, x)
+
+    monkeypatch.setattr(UnitProbe, "_statistics", counted)
+    x, y = _data(64)
+    model = _dead_net(dead=0, width=8)
+    monitor = kgrad.GradientHealthMonitor(probe_data=x, verbose=0)
+    _refit(model, x, y, monitor)
+    model.set_weights([w * 2.0 for w in model.get_weights()])
+    _refit(model, x, y, monitor)
+    assert len(traces) == 1
+    monitor.probe_data = x[:48]  # another batch shape
+    _refit(model, x, y, monitor)
+    assert len(traces) == 2 and traces[1] is traces[0]
+    _refit(_dead_net(dead=0, width=8), x, y, monitor)
+    assert len(traces) == 3 and traces[2] is not traces[0]
+
+
+def test_null_units_are_those_numpy_finds_on_the_probe_inputs():
+    # The null model runs with keras.ops where the inputs are, several layers in one
+    # batched product; the units it finds firing are those of the host NumPy product
+    # of the same seeded kernel, on ReLU inputs with exact zeros (whole examples,
+    # whole features), on one tiny positive product, and on the kernel inputs the
+    # monitor's probes kept.
+    from kgrad.diagnosis import null_units
+
+    rng = np.random.default_rng(3)
+    relu = np.maximum(rng.standard_normal((96, 32)).astype("float32"), 0)
+    relu[:10] = 0.0
+    relu[:, :5] = 0.0
+    tiny = np.zeros((96, 32), "float32")
+    tiny[0, 7] = 1e-30
+    x, y = _data()
+    monitor = kgrad.GradientHealthMonitor(
+        probe_data=x, probe_every_n_steps=2, verbose=0, max_judge_share=None
+    )
+    _dead_net(dead=6).fit(x, y, batch_size=32, callbacks=[monitor], verbose=0)
+    probe = monitor._kept_probe
+    kept = [probe.null_inputs(index) for index in probe._null_sites]
+    assert len(kept) == 2  # d0 and d1
+    inputs = [relu, tiny, relu[:1], *kept, relu[::-1]]
+    for units in (256, 512):
+        layer = null_units.null_units_layer(keras.layers.Dense(8), seed=0, units=units)
+        expected = []
+        for values in inputs:
+            values = keras.ops.convert_to_numpy(values)
+            kernel = null_units._gaussian_kernel(0, values.shape[-1], units)
+            expected.append(np.any(values @ kernel > 0, axis=0))
+        alone = [null_units.null_active_units(layer, values) for values in inputs]
+        together = null_units.null_active_units_of_layers([layer] * 6, inputs)
+        for found in (alone, together):
+            for row, wanted in zip(found, expected):
+                assert row.dtype == bool and row.shape == (units,)
+                np.testing.assert_array_equal(row, wanted)
+        tiny_row = null_units._gaussian_kernel(0, 32, units)[7]
+        assert expected[1].sum() == (tiny_row > 0).sum()  # the tiny one counts
+    # The monitor's null fraction is the silent share of those units at d1.
+    silent = ~null_units.null_active_units(
+        null_units.GaussianUnits(0, 256), probe.null_inputs(probe._null_sites[1])
+    )
+    units = monitor.report().units.set_index("site")
+    assert units.loc["d1", "null_silent_fraction"] == pytest.approx(np.mean(silent))

@@ -426,9 +426,7 @@ class UnitStatistics:
     ):
         self._model = model
         self._variables = list(variables)
-        self._previous = [
-            jnp.array(v.value, dtype=jnp.float32, copy=True) for v in self._variables
-        ]
+        self.reset()
         segments = np.asarray(segments, np.int32)
         count = int(segments.max()) + 1 if segments.size else 0
         watched = self._variables
@@ -448,6 +446,13 @@ class UnitStatistics:
 
         self._compiled: dict[tuple[int, ...], Callable] = {}
         self._statistics = statistics
+
+    def reset(self) -> None:
+        """The weights now become the previous ones (a new `fit()`); nothing is
+        traced again."""
+        self._previous = [
+            jnp.array(v.value, dtype=jnp.float32, copy=True) for v in self._variables
+        ]
 
     def __call__(self, x: Any) -> tuple[Any, Any, Any]:
         """`(forward(x), ‖w − w_prev‖ per segment, ‖w‖ per segment)`."""

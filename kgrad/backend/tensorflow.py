@@ -502,6 +502,12 @@ class UnitStatistics:
         )
         return results, delta_norms, weight_norms
 
+    def reset(self) -> None:
+        """The weights now become the previous ones (a new `fit()`); nothing is
+        traced again."""
+        for variable, previous in zip(self._variables, self._previous):
+            previous.assign(tf.cast(variable.value, tf.float32))
+
     def __call__(self, x: Any) -> tuple[Any, tf.Tensor, tf.Tensor]:
         """`(forward(x), ‖w − w_prev‖ per segment, ‖w‖ per segment)`."""
         with plain_function_calls():

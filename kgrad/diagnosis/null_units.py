@@ -8,6 +8,7 @@ probe inputs of a layer is what the geometry of those inputs explains (see
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -27,11 +28,13 @@ def _width_key(config: dict) -> str | None:
 
 
 class GaussianUnits:
-    """Zero-bias units with Gaussian weights over the last axis, applied on the host.
+    """Zero-bias units with Gaussian weights over the last axis: one matrix product.
 
-    The null model of a `Dense` layer: a matrix product in NumPy, with no Keras layer
-    to build and no eager call (each costs milliseconds, and the monitor asks for the
-    null fractions every epoch).
+    The null model of a `Dense` layer, with no Keras layer to build and no layer call
+    (each costs milliseconds, and the monitor asks for the null fractions every
+    epoch). The product runs with `keras.ops` where the inputs are: a host NumPy
+    product there would run on BLAS threads that contend with the backend's own
+    (measured on JAX, 2 cores: 15 ms per probe layer, against 0.2 ms).
 
     Args:
         seed: The seed of the random weights.
@@ -41,10 +44,12 @@ class GaussianUnits:
     def __init__(self, seed: int, units: int):
         self.seed, self.units = seed, units
 
-    def __call__(self, inputs: Any) -> np.ndarray:
-        values = np.asarray(keras.ops.convert_to_numpy(inputs), np.float32)
-        values = values.reshape(-1, values.shape[-1])
-        return values @ _gaussian_kernel(self.seed, values.shape[-1], self.units)
+    def __call__(self, inputs: Any) -> Any:
+        values = keras.ops.cast(inputs, "float32")
+        values = keras.ops.reshape(values, (-1, values.shape[-1]))
+        return keras.ops.matmul(
+            values, _gaussian_kernel(self.seed, values.shape[-1], self.units)
+        )
 
 
 @functools.lru_cache(maxsize=32)
@@ -104,6 +109,9 @@ def null_active_units(
 ) -> np.ndarray:
     """Which null-model units fire (output > 0) for at least one example or position.
 
+    Computed where the inputs are; only the answer, one boolean per unit, comes to
+    the host.
+
     Args:
         null_layer: What `null_units_layer` returned.
         kernel_input: A batch of the kernel layer's input.
@@ -111,5 +119,43 @@ def null_active_units(
     Returns:
         A boolean array with one entry per null unit.
     """
-    outputs = keras.ops.convert_to_numpy(null_layer(kernel_input))
-    return np.any(outputs.reshape(-1, outputs.shape[-1]) > 0, axis=0)
+    outputs = null_layer(kernel_input)
+    outputs = keras.ops.reshape(outputs, (-1, outputs.shape[-1]))
+    return keras.ops.convert_to_numpy(keras.ops.any(outputs > 0, axis=0))
+
+
+def null_active_units_of_layers(
+    null_layers: Sequence[keras.Layer | GaussianUnits], kernel_inputs: Sequence[Any]
+) -> list[np.ndarray]:
+    """`null_active_units` of each null layer on its input, computed together.
+
+    The Dense null models of one seed and width whose inputs have one shape take one
+    batched matrix product between them (a few operations in all, instead of a few
+    per layer: the monitor asks for every layer with dead units at once); the others
+    are computed one by one.
+
+    Args:
+        null_layers: What `null_units_layer` returned, per layer.
+        kernel_inputs: The input of each, in the same order.
+
+    Returns:
+        Per layer, a boolean array with one entry per null unit.
+    """
+    results: list[np.ndarray | None] = [None] * len(null_layers)
+    groups: dict[tuple, list[int]] = {}
+    for position, (layer, inputs) in enumerate(zip(null_layers, kernel_inputs)):
+        if isinstance(layer, GaussianUnits):
+            key = (layer.seed, layer.units, tuple(inputs.shape))
+            groups.setdefault(key, []).append(position)
+        else:
+            results[position] = null_active_units(layer, inputs)
+    for (seed, units, shape), positions in groups.items():
+        stacked = keras.ops.stack([kernel_inputs[p] for p in positions])
+        stacked = keras.ops.reshape(
+            keras.ops.cast(stacked, "float32"), (len(positions), -1, shape[-1])
+        )
+        outputs = keras.ops.matmul(stacked, _gaussian_kernel(seed, shape[-1], units))
+        active = keras.ops.convert_to_numpy(keras.ops.any(outputs > 0, axis=1))
+        for position, row in zip(positions, active):
+            results[position] = row
+    return results
