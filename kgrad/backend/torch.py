@@ -351,7 +351,7 @@ class UnitStatistics:
     ):
         self._forward = forward
         self._variables = list(variables)
-        self._previous = [self._float32(v).clone() for v in self._variables]
+        self.reset()
         self._count = max(segments) + 1 if len(segments) else 0
         device = self._previous[0].device if self._previous else None
         self._segments = torch.as_tensor(list(segments), dtype=torch.int64, device=device)
@@ -360,6 +360,10 @@ class UnitStatistics:
     def _float32(variable: keras.Variable) -> torch.Tensor:
         value = variable.value.detach()
         return value if value.dtype == torch.float32 else value.float()
+
+    def reset(self) -> None:
+        """The weights now become the previous ones (a new `fit()`)."""
+        self._previous = [self._float32(v).clone() for v in self._variables]
 
     def _per_segment(self, norms: list[torch.Tensor]) -> torch.Tensor:
         squares = torch.stack(norms).square()
