@@ -223,7 +223,7 @@ def unitwise_norm(value: Any) -> Any:
 
 def _unit_norms(value: Any, keepdims: bool = True) -> Any:
     value = ops.cast(value, "float32")
-    rank = ops.ndim(value)
+    rank = len(value.shape)  # static; `ops.ndim` fails on a tf.Variable in Keras 3.8
     if rank <= 1:
         return ops.abs(value)
     # Not TensorFlow's fused EuclideanNorm: XLA has no kernel for it.
@@ -235,7 +235,7 @@ def _unit_norm_vector(value: Any, fused: bool) -> Any:
     # Per-unit norms as a vector (one entry for a scalar), so that every tensor's
     # scales concatenate into one vector for the "anything clipped" flag.
     value = ops.cast(value, "float32")
-    rank = ops.ndim(value)
+    rank = len(value.shape)  # static; `ops.ndim` fails on a tf.Variable in Keras 3.8
     if rank == 0:
         return ops.reshape(ops.abs(value), (1,))
     if fused and rank > 1:  # one op where the backend has one (TensorFlow's)
@@ -311,7 +311,7 @@ def adaptive_clip(
         norms = ops.maximum(_unit_norm_vector(gradient, fused), _TINY_NORM)
         scale = ops.minimum(1.0, limits / norms)
         scales.append(scale)
-        if ops.ndim(gradient) == 0:
+        if len(gradient.shape) == 0:
             scale = ops.reshape(scale, ())
         clipped[index] = gradient * ops.cast(scale, gradient.dtype)
     return clipped, ops.min(ops.concatenate(scales, 0)) < 1.0
