@@ -231,15 +231,15 @@ class WeightSteps(keras.callbacks.Callback):
         self.kernels.append(np.array(self.model.layers[0].kernel.numpy()))
 
 
-@pytest.mark.parametrize(
-    "jit_compile",
-    [
-        "auto",
-        pytest.param(True, marks=pytest.mark.backends("torch", reason="torch.compile of the step")),
-    ],
-)
-@pytest.mark.parametrize("how", [
-    "callback", pytest.param("schedule", marks=pytest.mark.slow_on("torch", reason="torch.compile traces Keras's step for 40-100 s on 2 CPU cores; one compiled case per feature runs by default"))
+_COMPILED = pytest.mark.backends("torch", reason="torch.compile of the step")
+_SLOW = pytest.mark.slow_on("torch", reason="torch.compile traces Keras's step for 40-100 s on 2 CPU cores; one compiled case per feature runs by default")
+
+
+@pytest.mark.parametrize("how,jit_compile", [
+    ("callback", "auto"),
+    ("schedule", "auto"),
+    pytest.param("callback", True, marks=_COMPILED, id="callback-True"),
+    pytest.param("schedule", True, marks=[_COMPILED, _SLOW], id="schedule-True"),
 ])
 def test_the_step_applies_the_warmup_rate(how, jit_compile):
     """What SGD applied: |dw| / |g| of each step (g as the logger records it) is the
