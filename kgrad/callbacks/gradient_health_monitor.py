@@ -385,7 +385,7 @@ class GradientHealthMonitor(KgradCallback):
             self._probe.layers,
             self.dead_after_probes,
             first_step=(
-                self._epoch_first_step + self._batches_done
+                self._epoch_first_step + self._steps_run()
                 if first_step is None
                 else first_step
             ),
@@ -393,7 +393,7 @@ class GradientHealthMonitor(KgradCallback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch_start = time.perf_counter()
-        self._epoch_first_step += self._batches_done
+        self._epoch_first_step += self._steps_run()
         self._batches_begun = self._batches_done = 0
         if self._own_logger is not None:
             self._own_logger.on_epoch_begin(epoch, logs)
@@ -424,7 +424,7 @@ class GradientHealthMonitor(KgradCallback):
             self._start_probes()
         if self._batches_begun and self._probe is not None:
             # The probe due after the epoch's last step.
-            last = self._epoch_first_step + self._batches_done - 1
+            last = self._epoch_first_step + self._steps_run() - 1
             self._probe_if_due(max(last, self._epoch_first_step))
         new = self._judge() if self._judge_due() else []
         if logs is not None:
@@ -459,6 +459,12 @@ class GradientHealthMonitor(KgradCallback):
             self._pending = []
 
     # -- internals --------------------------------------------------------------------
+
+    def _steps_run(self) -> int:
+        """The steps of this epoch so far. The batch-end hook may run on Keras's
+        worker thread and lag behind (a race seen on JAX); the batch-begin hook
+        counts executions, not steps, under `steps_per_execution`: the larger."""
+        return max(self._batches_begun, self._batches_done)
 
     def _probe_inputs(self) -> Any:
         data = self.probe_data
