@@ -516,3 +516,10 @@ class UnitStatistics:
     def previous(self, variable: Any) -> np.ndarray:
         """The value of `variable` at the last probe (its current value if untracked)."""
         return np.asarray(self._copies.get(id(variable), variable))
+
+
+def summary() -> Any:
+    """`tf.summary`: TensorBoard's event files are written by TensorFlow on every Keras
+    backend, as Keras's own `TensorBoard` callback does (the TensorBoard sink imports
+    this module on first use only)."""
+    return tf.summary

@@ -13,11 +13,10 @@ from kgrad.records.paths import check_writable_dir
 
 
 def _summary() -> Any:
-    """`tf.summary`, imported on first use: TensorBoard's event files are written by
-    TensorFlow on every Keras backend, as Keras's own `TensorBoard` callback does."""
-    import tensorflow as tf
+    """`tf.summary`, imported on first use (`kgrad.backend.tensorflow.summary`)."""
+    from kgrad.backend import tensorflow as tensorflow_backend
 
-    return tf.summary
+    return tensorflow_backend.summary()
 
 
 class TensorBoardSink:
